@@ -1,0 +1,228 @@
+//! Writing messages: the `Outbox` handle with `save_in_tx` and `save_all_in_tx`. Both call
+//! the schema's SQL function `enqueue` (the same one services in other languages reach
+//! through `save_message`), so there is one implementation of the write path. Each call is
+//! one round trip: parse, bind and execute travel together.
+
+use std::sync::LazyLock;
+
+use tokio_postgres::Transaction;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::schema::Schema;
+
+/// Default [`Outbox::max_payload_bytes`]: 1 MiB, Kafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// Default [`Outbox::max_header_bytes`]: 64 KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// A handle carrying non-default settings: the schema name and the size limits. Cheap to
+/// clone; build one at startup and share it. The free functions [`save_in_tx`] and
+/// [`save_all_in_tx`] use `Outbox::default()`.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    schema: Schema,
+    max_payload_bytes: usize,
+    max_header_bytes: usize,
+    // The SQL text depends on the schema name only, so it is built once here.
+    enqueue_sql: String,
+    enqueue_batch_sql: String,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox::new(Schema::default())
+    }
+}
+
+impl Outbox {
+    /// A handle for the outbox tables in `schema`, with default limits.
+    pub fn new(schema: Schema) -> Self {
+        let s = schema.name();
+        Outbox {
+            enqueue_sql: format!("SELECT {s}.enqueue($1, $2, $3, $4, $5, $6, $7, $8)"),
+            enqueue_batch_sql: format!(
+                "SELECT u.ord, {s}.enqueue(u.topic, u.entity_key, u.payload, u.kafka_key,
+                        u.kafka_partition, ($9::text[])[u.h_off + 1 : u.h_off + u.h_cnt],
+                        ($10::bytea[])[u.h_off + 1 : u.h_off + u.h_cnt], u.event_type)
+                   FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::int4[],
+                               $6::text[], $7::int4[], $8::int4[])
+                        WITH ORDINALITY AS u(topic, entity_key, payload, kafka_key,
+                                             kafka_partition, event_type, h_off, h_cnt, ord)"
+            ),
+            schema,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+        }
+    }
+
+    /// Sets the largest payload accepted, in bytes. Default: [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    pub fn with_max_payload_bytes(mut self, max: usize) -> Self {
+        self.max_payload_bytes = max;
+        self
+    }
+
+    /// Sets the largest total of header names and values accepted, in bytes.
+    /// Default: [`DEFAULT_MAX_HEADER_BYTES`].
+    pub fn with_max_header_bytes(mut self, max: usize) -> Self {
+        self.max_header_bytes = max;
+        self
+    }
+
+    /// The schema this handle writes to.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Writes `msg` inside the caller's transaction and returns its id. The message becomes
+    /// visible to the relay when, and only if, the transaction commits.
+    ///
+    /// Takes a row lock on the entity's mapping row until the transaction ends, so writers of
+    /// one entity are serialized and its ids follow commit order.
+    pub async fn save_in_tx(&self, tx: &Transaction<'_>, msg: &Message) -> Result<i64> {
+        self.check_limits(msg)?;
+        let params: [(&(dyn ToSql + Sync), Type); 8] = [
+            (&msg.topic, Type::TEXT),
+            (&msg.entity_key, Type::TEXT),
+            (&msg.payload, Type::BYTEA),
+            (&msg.kafka_key, Type::BYTEA),
+            (&msg.kafka_partition, Type::INT4),
+            (&msg.header_names, Type::TEXT_ARRAY),
+            (&msg.header_values, Type::BYTEA_ARRAY),
+            (&msg.event_type, Type::TEXT),
+        ];
+        let rows = tx
+            .query_typed(&self.enqueue_sql, &params)
+            .await
+            .map_err(|e| self.map_db_error(e, "saving a message"))?;
+        rows.first()
+            .map(|r| r.get(0))
+            .ok_or_else(|| self.schema_not_ready("enqueue returned no row"))
+    }
+
+    /// Writes all `msgs` inside the caller's transaction in one round trip and returns their
+    /// ids in the same order. Either every message is written or none is: one invalid
+    /// message refuses the whole batch before anything is sent.
+    ///
+    /// Entity rows are locked in the order of `msgs`; two transactions that write the same
+    /// entities in opposite orders can deadlock (PostgreSQL aborts one, and
+    /// [`Error::is_retryable`] is true), as with any row locks.
+    pub async fn save_all_in_tx(&self, tx: &Transaction<'_>, msgs: &[Message]) -> Result<Vec<i64>> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        for m in msgs {
+            self.check_limits(m)?;
+        }
+        let topics: Vec<&str> = msgs.iter().map(|m| m.topic.as_str()).collect();
+        let keys: Vec<&str> = msgs.iter().map(|m| m.entity_key.as_str()).collect();
+        let payloads: Vec<Option<&[u8]>> = msgs.iter().map(|m| m.payload.as_deref()).collect();
+        let kafka_keys: Vec<Option<&[u8]>> = msgs.iter().map(|m| m.kafka_key.as_deref()).collect();
+        let kafka_partitions: Vec<Option<i32>> = msgs.iter().map(|m| m.kafka_partition).collect();
+        let event_types: Vec<Option<&str>> = msgs.iter().map(|m| m.event_type.as_deref()).collect();
+        // Headers travel flattened (PostgreSQL arrays must be rectangular), each message
+        // addressing its slice by offset and count.
+        let mut h_off = Vec::with_capacity(msgs.len());
+        let mut h_cnt = Vec::with_capacity(msgs.len());
+        let mut h_names: Vec<&str> = Vec::new();
+        let mut h_values: Vec<&[u8]> = Vec::new();
+        for m in msgs {
+            h_off.push(to_i32(h_names.len())?);
+            h_cnt.push(to_i32(m.header_names.len())?);
+            h_names.extend(m.header_names.iter().map(String::as_str));
+            h_values.extend(m.header_values.iter().map(Vec::as_slice));
+        }
+        let params: [(&(dyn ToSql + Sync), Type); 10] = [
+            (&topics, Type::TEXT_ARRAY),
+            (&keys, Type::TEXT_ARRAY),
+            (&payloads, Type::BYTEA_ARRAY),
+            (&kafka_keys, Type::BYTEA_ARRAY),
+            (&kafka_partitions, Type::INT4_ARRAY),
+            (&event_types, Type::TEXT_ARRAY),
+            (&h_off, Type::INT4_ARRAY),
+            (&h_cnt, Type::INT4_ARRAY),
+            (&h_names, Type::TEXT_ARRAY),
+            (&h_values, Type::BYTEA_ARRAY),
+        ];
+        let rows = tx
+            .query_typed(&self.enqueue_batch_sql, &params)
+            .await
+            .map_err(|e| self.map_db_error(e, "saving a batch of messages"))?;
+        let mut ids = vec![0i64; msgs.len()];
+        for row in &rows {
+            let ord: i64 = row.get(0);
+            let slot = usize::try_from(ord - 1)
+                .ok()
+                .and_then(|i| ids.get_mut(i))
+                .ok_or_else(|| self.schema_not_ready("enqueue batch returned an unexpected row"))?;
+            *slot = row.get(1);
+        }
+        if rows.len() != msgs.len() {
+            return Err(self.schema_not_ready("enqueue batch returned the wrong number of rows"));
+        }
+        Ok(ids)
+    }
+
+    fn check_limits(&self, msg: &Message) -> Result<()> {
+        let size = msg.payload_len();
+        if size > self.max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                entity_key: msg.entity_key.clone(),
+                size,
+                max: self.max_payload_bytes,
+            });
+        }
+        let size = msg.headers_len();
+        if size > self.max_header_bytes {
+            return Err(Error::HeadersTooLarge {
+                entity_key: msg.entity_key.clone(),
+                size,
+                max: self.max_header_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// A missing schema or function shows up as these SQLSTATEs; say what to run instead of
+    /// passing on "function outbox.enqueue does not exist".
+    fn map_db_error(&self, e: tokio_postgres::Error, context: &'static str) -> Error {
+        match e.code() {
+            Some(c) if *c == SqlState::INVALID_SCHEMA_NAME || *c == SqlState::UNDEFINED_FUNCTION => {
+                self.schema_not_ready("missing or not migrated")
+            }
+            _ => Error::Database { context, source: e },
+        }
+    }
+
+    fn schema_not_ready(&self, problem: &str) -> Error {
+        Error::SchemaNotReady {
+            schema: self.schema.name().to_owned(),
+            problem: problem.to_owned(),
+        }
+    }
+}
+
+fn to_i32(n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| Error::HeadersTooLarge {
+        entity_key: String::new(),
+        size: n,
+        max: i32::MAX as usize,
+    })
+}
+
+static DEFAULT_OUTBOX: LazyLock<Outbox> = LazyLock::new(Outbox::default);
+
+/// Writes `msg` into the `outbox` schema inside the caller's transaction; see
+/// [`Outbox::save_in_tx`]. Works with a `deadpool_postgres::Transaction` too (it derefs to
+/// `tokio_postgres::Transaction`).
+pub async fn save_in_tx(tx: &Transaction<'_>, msg: &Message) -> Result<i64> {
+    DEFAULT_OUTBOX.save_in_tx(tx, msg).await
+}
+
+/// Writes all `msgs` into the `outbox` schema in one round trip; see
+/// [`Outbox::save_all_in_tx`].
+pub async fn save_all_in_tx(tx: &Transaction<'_>, msgs: &[Message]) -> Result<Vec<i64>> {
+    DEFAULT_OUTBOX.save_all_in_tx(tx, msgs).await
+}

@@ -1,0 +1,157 @@
+//! The relay's configuration: one struct, read from a TOML file, overridden by environment
+//! variables and command-line flags (see `docs/configuration.md`), and checked by
+//! `validate()`, which reports every problem at once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Everything `outboxd run` needs. Field defaults are given on each field.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// PostgreSQL connection string (URL or key=value form). Required.
+    pub database_url: String,
+    /// Kafka bootstrap servers, comma-separated `host:port`. Required.
+    pub brokers: String,
+    /// Schema holding the outbox tables. Default: `outbox`.
+    pub schema: String,
+    /// Most messages read and published as one batch per partition. Default: 1000.
+    pub batch_size: usize,
+    /// Longest wait before an idle partition is read again, in ms. Default: 100.
+    pub poll_interval_ms: u64,
+    /// How often the message id sequence is checked to wake idle partitions, in ms.
+    /// Default: 5.
+    pub wakeup_interval_ms: u64,
+    /// First delay before retrying a failed batch or reconnecting, in ms; it doubles, with
+    /// jitter, up to `retry_max_ms`. Default: 100.
+    pub retry_initial_ms: u64,
+    /// Longest delay between retries, in ms. Default: 10000.
+    pub retry_max_ms: u64,
+    /// How long, after SIGTERM/SIGINT, in-flight batches may take to finish, in ms.
+    /// Default: 10000.
+    pub shutdown_timeout_ms: u64,
+    /// librdkafka producer properties passed through as given (e.g. `linger.ms`,
+    /// `security.protocol`). Ones that would break ordering are refused. Default: empty.
+    pub kafka: BTreeMap<String, String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: String::new(),
+            brokers: String::new(),
+            schema: "outbox".to_owned(),
+            batch_size: 1000,
+            poll_interval_ms: 100,
+            wakeup_interval_ms: 5,
+            retry_initial_ms: 100,
+            retry_max_ms: 10_000,
+            shutdown_timeout_ms: 10_000,
+            kafka: BTreeMap::new(),
+        }
+    }
+}
+
+/// librdkafka properties the relay sets itself; a passthrough value would silently break
+/// per-entity order or the at-least-once guarantee.
+const RESERVED_KAFKA_KEYS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use `brokers`"),
+    ("enable.idempotence", "the relay needs the idempotent producer to keep order on retries"),
+    ("acks", "the idempotent producer needs acks=all"),
+    ("max.in.flight.requests.per.connection", "more than 5 breaks idempotent ordering; the relay sets it"),
+    ("max.in.flight", "more than 5 breaks idempotent ordering; the relay sets it"),
+    ("retries", "the relay relies on librdkafka retrying within message.timeout.ms"),
+    ("message.send.max.retries", "the relay relies on librdkafka retrying within message.timeout.ms"),
+    ("enable.gapless.guarantee", "set by the relay"),
+    ("transactional.id", "transactions are not used by the relay"),
+];
+
+impl Config {
+    /// Reads a TOML file. Unknown keys are refused.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Config::from_toml(&text).map_err(|message| Error::ConfigFile {
+            path: path.display().to_string(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> std::result::Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every field and returns all problems at once.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if self.database_url.trim().is_empty() {
+            problems.push("database_url is required (--database-url or OUTBOXD_DATABASE_URL)".to_owned());
+        } else if let Err(e) = self.database_url.parse::<tokio_postgres::Config>() {
+            problems.push(format!("database_url is not a valid connection string: {e}"));
+        }
+        if self.brokers.trim().is_empty() {
+            problems.push("brokers is required (--brokers or OUTBOXD_BROKERS)".to_owned());
+        }
+        if let Err(e) = outbox::Schema::new(self.schema.clone()) {
+            problems.push(format!("schema: {e}"));
+        }
+        if !(1..=100_000).contains(&self.batch_size) {
+            problems.push(format!("batch_size must be 1..=100000, got {}", self.batch_size));
+        }
+        for (name, value) in [
+            ("poll_interval_ms", self.poll_interval_ms),
+            ("wakeup_interval_ms", self.wakeup_interval_ms),
+            ("retry_initial_ms", self.retry_initial_ms),
+            ("retry_max_ms", self.retry_max_ms),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        if self.retry_initial_ms > self.retry_max_ms {
+            problems.push(format!(
+                "retry_initial_ms ({}) must not exceed retry_max_ms ({})",
+                self.retry_initial_ms, self.retry_max_ms
+            ));
+        }
+        for (key, why) in RESERVED_KAFKA_KEYS {
+            if self.kafka.contains_key(*key) {
+                problems.push(format!("kafka.\"{key}\" cannot be set: {why}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Config(problems))
+        }
+    }
+
+    /// The validated schema name.
+    pub fn schema(&self) -> Result<outbox::Schema> {
+        Ok(outbox::Schema::new(self.schema.clone())?)
+    }
+
+    pub(crate) fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+    pub(crate) fn wakeup_interval(&self) -> Duration {
+        Duration::from_millis(self.wakeup_interval_ms)
+    }
+    pub(crate) fn retry_initial(&self) -> Duration {
+        Duration::from_millis(self.retry_initial_ms)
+    }
+    pub(crate) fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.retry_max_ms)
+    }
+    pub(crate) fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}

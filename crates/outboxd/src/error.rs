@@ -1,0 +1,53 @@
+//! The relay's error type. Each variant carries what the relay was doing, so a log line
+//! says which step failed and where, never a bare "failed".
+
+/// A specialized `Result` for the relay.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why the relay could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration was refused; every problem found is listed.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Config(Vec<String>),
+    /// The configuration file could not be read or parsed.
+    #[error("configuration file {path}: {message}")]
+    ConfigFile {
+        /// The file.
+        path: String,
+        /// What went wrong, with the line when TOML parsing failed.
+        message: String,
+    },
+    /// A PostgreSQL operation failed.
+    #[error("postgres: {context}: {source}")]
+    Postgres {
+        /// What the relay was doing.
+        context: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A Kafka client operation failed.
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        /// What the relay was doing.
+        context: &'static str,
+        /// The client's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The outbox library refused (schema missing or outdated, ...).
+    #[error(transparent)]
+    Outbox(#[from] outbox::Error),
+}
+
+impl Error {
+    pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
+        move |source| Error::Postgres { context, source }
+    }
+
+    pub(crate) fn kafka(context: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+        move |source| Error::Kafka { context, source }
+    }
+}

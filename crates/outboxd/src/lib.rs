@@ -1,0 +1,32 @@
+//! # outboxd
+//!
+//! The relay of the transactional outbox: reads the messages that services committed with
+//! [`outbox::save_in_tx`] and publishes them to Apache Kafka in ordered batches, one worker
+//! per virtual partition, so that all messages of one entity arrive in commit order.
+//!
+//! The `outboxd` binary wraps [`relay::run`]; embed the relay in your own process the same
+//! way:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), outboxd::Error> {
+//! let config = outboxd::Config {
+//!     database_url: "postgres://outbox@127.0.0.1:55432/outbox_demo".into(),
+//!     brokers: "127.0.0.1:39092".into(),
+//!     ..outboxd::Config::default()
+//! };
+//! outboxd::relay::run(config, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+pub mod backoff;
+pub mod config;
+mod error;
+pub mod publisher;
+pub mod reader;
+pub mod relay;
+pub mod sql;
+mod wakeup;
+mod worker;
+
+pub use config::Config;
+pub use error::{Error, Result};

@@ -1,0 +1,134 @@
+//! Publishing one batch to Kafka: every record is enqueued into the idempotent producer
+//! before any acknowledgement is awaited (awaiting them one by one is slow), then the acks
+//! are collected in order. The caller retires rows only for a fully acknowledged prefix.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::reader::OutboxRow;
+
+/// Header carrying the outbox message id: increasing in commit order within one entity, so
+/// consumers can drop redelivered duplicates by remembering the last id per entity.
+pub const HEADER_ID: &str = "outbox-id";
+/// Header carrying the entity key (the ordering key).
+pub const HEADER_ENTITY_KEY: &str = "outbox-entity-key";
+/// Header carrying the event type, when the message has one.
+pub const HEADER_EVENT_TYPE: &str = "outbox-event-type";
+
+/// The producer properties the relay always sets; see `docs/configuration.md`.
+pub fn producer_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers)
+        // Idempotence keeps order under internal retries (acks=all, <= 5 in flight).
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        // Same key -> same partition as the Java client's default partitioner.
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .set("queue.buffering.max.messages", "1000000");
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The relay's Kafka producer, shared by all partition workers.
+pub struct Publisher {
+    producer: FutureProducer,
+}
+
+/// How far a batch got: the number of leading messages acknowledged, and the first error.
+#[derive(Debug)]
+pub struct PublishOutcome {
+    /// Messages `[0, acked)` are acknowledged by Kafka.
+    pub acked: usize,
+    /// The error of the first message that failed, if any did.
+    pub error: Option<KafkaError>,
+}
+
+impl Publisher {
+    /// Creates the producer.
+    pub fn new(config: &Config) -> Result<Self> {
+        let producer: FutureProducer = producer_config(config)
+            .create()
+            .map_err(Error::kafka("creating the producer"))?;
+        Ok(Publisher { producer })
+    }
+
+    /// Sends `rows` in order and waits for every acknowledgement.
+    pub async fn publish(&self, rows: &[OutboxRow]) -> PublishOutcome {
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for row in rows {
+            match self.enqueue(row).await {
+                Ok(d) => deliveries.push(d),
+                Err(e) => {
+                    // Later rows must not go out ahead of this one: stop enqueuing.
+                    let acked = count_acked(join_all(deliveries).await);
+                    return PublishOutcome { acked: acked.0, error: acked.1.or(Some(e)) };
+                }
+            }
+        }
+        let (acked, error) = count_acked(join_all(deliveries).await);
+        PublishOutcome { acked, error }
+    }
+
+    /// Enqueues one record, waiting while the producer's local queue is full.
+    async fn enqueue(&self, row: &OutboxRow) -> std::result::Result<DeliveryFuture, KafkaError> {
+        let id = row.id.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(row.header_names.len() + 3)
+            .insert(Header { key: HEADER_ID, value: Some(id.as_bytes()) })
+            .insert(Header { key: HEADER_ENTITY_KEY, value: Some(row.entity_key.as_bytes()) });
+        if let Some(t) = &row.event_type {
+            headers = headers.insert(Header { key: HEADER_EVENT_TYPE, value: Some(t.as_bytes()) });
+        }
+        for (k, v) in row.header_names.iter().zip(&row.header_values) {
+            headers = headers.insert(Header { key: k, value: Some(v.as_slice()) });
+        }
+        let key: &[u8] = row.kafka_key.as_deref().unwrap_or(row.entity_key.as_bytes());
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&row.topic).key(key).headers(headers);
+        if let Some(p) = &row.payload {
+            record = record.payload(p.as_slice());
+        }
+        if let Some(p) = row.kafka_partition {
+            record = record.partition(p);
+        }
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until every enqueued message is delivered or failed; called before exit, since
+    /// dropping a producer purges what is still in flight.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        self.producer.flush(timeout).map_err(Error::kafka("flushing the producer"))
+    }
+}
+
+/// Counts the acknowledged prefix and returns the first error after it.
+fn count_acked(results: Vec<<DeliveryFuture as Future>::Output>) -> (usize, Option<KafkaError>) {
+    let mut acked = 0;
+    for r in results {
+        match r {
+            Ok(Ok(_)) => acked += 1,
+            Ok(Err((e, _))) => return (acked, Some(e)),
+            Err(_) => return (acked, Some(KafkaError::Canceled)),
+        }
+    }
+    (acked, None)
+}

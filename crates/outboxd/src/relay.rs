@@ -1,0 +1,85 @@
+//! The relay: checks the schema, creates the producer, starts the wake-up poller and one
+//! worker per virtual partition, and on shutdown stops reading, lets in-flight batches
+//! finish within the timeout, and flushes the producer. `outboxd run` is a thin wrapper.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_postgres::NoTls;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::publisher::Publisher;
+use crate::sql::Statements;
+use crate::wakeup::watch_sequence;
+use crate::worker::{WorkerContext, run_worker};
+
+/// Runs the relay until `shutdown` completes, then shuts down gracefully. Returns an error
+/// when it cannot start (bad config, unreachable PostgreSQL, missing schema).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    config.validate()?;
+    let schema = config.schema()?;
+    let pg_config: tokio_postgres::Config = config
+        .database_url
+        .parse()
+        .map_err(Error::pg("parsing database_url"))?;
+    let (control, connection) = pg_config
+        .connect(NoTls)
+        .await
+        .map_err(Error::pg("connecting"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "control connection ended");
+        }
+    });
+    outbox::check_schema(&control, &schema).await?;
+    let sql = Statements::new(&schema);
+    let partitions: i32 = control
+        .query_one(&sql.partitions_to_serve, &[])
+        .await
+        .map_err(Error::pg("reading the partition count"))?
+        .get(0);
+    let publisher = Publisher::new(&config)?;
+    let shutdown_timeout = config.shutdown_timeout();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wake_tx = Arc::new(watch::channel(0i64).0);
+    let mut tasks = JoinSet::new();
+    {
+        let wake_tx = Arc::clone(&wake_tx);
+        let (sql, interval, stop) = (sql.clone(), config.wakeup_interval(), stop_rx.clone());
+        tasks.spawn(async move { watch_sequence(control, sql, interval, &wake_tx, stop).await });
+    }
+    let ctx = Arc::new(WorkerContext {
+        pg_config,
+        sql,
+        publisher,
+        config,
+    });
+    for partition in 0..partitions {
+        tasks.spawn(run_worker(
+            partition,
+            Arc::clone(&ctx),
+            stop_rx.clone(),
+            wake_tx.subscribe(),
+        ));
+    }
+    tracing::info!(partitions, schema = %schema, "relay started");
+
+    shutdown.await;
+    tracing::info!("shutting down: finishing in-flight batches");
+    stop_tx.send_replace(true);
+    let drained = tokio::time::timeout(shutdown_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(?shutdown_timeout, "in-flight batches did not finish in time; abandoning them (they are published again on restart)");
+        tasks.abort_all();
+    }
+    ctx.publisher.flush(shutdown_timeout)?;
+    tracing::info!("relay stopped");
+    Ok(())
+}

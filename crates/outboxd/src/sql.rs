@@ -1,0 +1,94 @@
+//! Every SQL statement the relay sends, in one place. The texts depend only on the schema
+//! name, so they are built once at startup; `outboxd print-sql` prints them.
+
+use outbox::Schema;
+
+/// The relay's statements for one schema.
+#[derive(Debug, Clone)]
+pub struct Statements {
+    /// How many partitions to serve: the configured count, or more while partitions above
+    /// it (after the count was lowered) still hold messages. No parameters.
+    pub partitions_to_serve: String,
+    /// Takes the session-level advisory lock that makes this connection the only reader of
+    /// a partition. `$1`: partition.
+    pub try_lock_partition: String,
+    /// Opens a read window: the current transaction snapshot, and the smallest id that is
+    /// committed in it but was not yet committed in the previous window's snapshot. Only
+    /// rows written by transactions in the previous snapshot's in-progress list, or started
+    /// after it, can qualify, and the `(partition, xid)` index finds exactly those: the scan
+    /// never walks the dead rows of messages already published.
+    /// `$1`: partition, `$2`: previous snapshot (text).
+    pub open_window: String,
+    /// Opens the first window after (re)start, when no previous snapshot is known.
+    /// `$1`: partition.
+    pub open_first_window: String,
+    /// Reads the next batch of a window in id order: rows committed in the window's
+    /// snapshot with an id above the cursor. `$1`: partition, `$2`: cursor, `$3`: window
+    /// snapshot (text), `$4`: limit.
+    pub read_batch: String,
+    /// Retires published messages. `$1`: partition, `$2`: ids.
+    pub delete_batch: String,
+    /// The message id sequence's last value, polled to wake idle partitions. No parameters.
+    pub last_message_id: String,
+}
+
+impl Statements {
+    /// The statements for `schema`.
+    pub fn new(schema: &Schema) -> Self {
+        let s = schema.name();
+        Statements {
+            partitions_to_serve: format!(
+                "SELECT greatest(partition_count,
+                                 coalesce((SELECT max(partition) + 1 FROM {s}.message), 0))
+                   FROM {s}.settings"
+            ),
+            try_lock_partition: format!(
+                "SELECT pg_try_advisory_lock(hashtext('outboxd {s}'), $1::int4)"
+            ),
+            open_window: format!(
+                "SELECT pg_current_snapshot()::text,
+                        (SELECT min(w.id) FROM (
+                             SELECT id FROM {s}.message
+                              WHERE partition = $1::int4
+                                AND xid = ANY (ARRAY(SELECT pg_snapshot_xip($2::text::pg_snapshot)))
+                             UNION ALL
+                             SELECT id FROM {s}.message
+                              WHERE partition = $1::int4
+                                AND xid >= pg_snapshot_xmax($2::text::pg_snapshot)
+                        ) w)"
+            ),
+            open_first_window: format!(
+                "SELECT pg_current_snapshot()::text,
+                        (SELECT min(id) FROM {s}.message WHERE partition = $1::int4)"
+            ),
+            read_batch: format!(
+                "SELECT id, topic, entity_key, kafka_key, kafka_partition, payload,
+                        header_names, header_values, event_type
+                   FROM {s}.message
+                  WHERE partition = $1::int4 AND id > $2::int8
+                    AND pg_visible_in_snapshot(xid, $3::text::pg_snapshot)
+                  ORDER BY id
+                  LIMIT $4::int8"
+            ),
+            delete_batch: format!(
+                "DELETE FROM {s}.message WHERE partition = $1::int4 AND id = ANY ($2::int8[])"
+            ),
+            last_message_id: format!(
+                "SELECT last_value FROM {s}.message_id_seq"
+            ),
+        }
+    }
+
+    /// Every statement with its name, for `outboxd print-sql`.
+    pub fn all(&self) -> Vec<(&'static str, &str)> {
+        vec![
+            ("partitions_to_serve", &self.partitions_to_serve),
+            ("try_lock_partition", &self.try_lock_partition),
+            ("open_first_window", &self.open_first_window),
+            ("open_window", &self.open_window),
+            ("read_batch", &self.read_batch),
+            ("delete_batch", &self.delete_batch),
+            ("last_message_id", &self.last_message_id),
+        ]
+    }
+}

@@ -1,0 +1,170 @@
+//! Helpers for integration tests and benchmarks that run against the real services started
+//! by `scripts/services up`: a PostgreSQL connection and a fresh schema per test, a fresh
+//! Kafka topic per test, and a consumer that reads a topic back. When a service is missing,
+//! the helpers fail loudly and say how to start it; they never skip.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rand::Rng;
+use tokio_postgres::{Client, NoTls};
+
+/// What to run when a service is not reachable.
+pub const START_HINT: &str = "start the services with `scripts/services up` (or run `scripts/test`, which does)";
+
+/// The test database URL: `OUTBOX_TEST_DATABASE_URL`, else the one `scripts/services` creates.
+pub fn database_url() -> String {
+    std::env::var("OUTBOX_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://outbox@127.0.0.1:55432/outbox_test".to_owned())
+}
+
+/// The Kafka bootstrap servers: `OUTBOX_TEST_BROKERS`, else the broker `scripts/services` starts.
+pub fn brokers() -> String {
+    std::env::var("OUTBOX_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:39092".to_owned())
+}
+
+/// Connects to PostgreSQL at `url`; the error names the URL and says how to start it.
+pub async fn try_connect(url: &str) -> Result<Client, String> {
+    match tokio_postgres::connect(url, NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(client)
+        }
+        Err(e) => Err(format!("PostgreSQL is not reachable at {url}: {e}; {START_HINT}")),
+    }
+}
+
+/// Connects to the test database, panicking with a hint when it is not running.
+pub async fn connect() -> Client {
+    match try_connect(&database_url()).await {
+        Ok(c) => c,
+        Err(msg) => panic!("{msg}"),
+    }
+}
+
+/// A random lower-case name with `prefix`, for schemas and topics that no other test uses.
+pub fn unique_name(prefix: &str) -> String {
+    let n: u64 = rand::rng().random();
+    format!("{prefix}_{n:016x}")
+}
+
+/// Drops `schema` and everything in it.
+pub async fn drop_schema(client: &Client, schema: &str) {
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .unwrap_or_else(|e| panic!("dropping schema {schema}: {e}"));
+}
+
+/// Checks that a Kafka broker answers at `brokers` within `timeout`.
+pub fn try_kafka(brokers: &str, timeout: Duration) -> Result<(), String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| format!("cannot create a Kafka client for {brokers}: {e}"))?;
+    consumer
+        .fetch_metadata(None, timeout)
+        .map(|_| ())
+        .map_err(|e| format!("Kafka is not reachable at {brokers}: {e}; {START_HINT}"))
+}
+
+/// Creates a fresh topic with `partitions` partitions and returns its name; panics with a
+/// hint when Kafka is not running.
+pub async fn create_topic(prefix: &str, partitions: i32) -> String {
+    let brokers = brokers();
+    if let Err(msg) = try_kafka(&brokers, Duration::from_secs(10)) {
+        panic!("{msg}");
+    }
+    let name = unique_name(prefix).replace('_', "-");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap_or_else(|e| panic!("creating a Kafka admin client: {e}"));
+    let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+        .await
+        .unwrap_or_else(|e| panic!("creating topic {name}: {e}"));
+    for r in results {
+        if let Err((t, code)) = r {
+            panic!("creating topic {t}: {code}");
+        }
+    }
+    name
+}
+
+/// One message read back from Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    /// Kafka partition it landed in.
+    pub partition: i32,
+    /// Offset within that partition.
+    pub offset: i64,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Payload bytes (`None` for a tombstone).
+    pub payload: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Consumed {
+    /// The value of the first header called `name`, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_ref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+fn to_consumed(m: &BorrowedMessage<'_>) -> Consumed {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Consumed {
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+/// Reads `topic` from the beginning until `expected` messages arrived or `timeout` passed;
+/// returns what arrived, in per-partition offset order (partitions interleaved as read).
+pub fn consume(topic: &str, expected: usize, timeout: Duration) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique_name("test_group"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap_or_else(|e| panic!("creating a Kafka consumer: {e}"));
+    consumer
+        .subscribe(&[topic])
+        .unwrap_or_else(|e| panic!("subscribing to {topic}: {e}"));
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::with_capacity(expected);
+    while out.len() < expected && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push(to_consumed(&m)),
+            Some(Err(e)) => panic!("consuming {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}

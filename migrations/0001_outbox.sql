@@ -1,0 +1,164 @@
+-- 0001: the outbox schema.
+--
+-- Applied by `outboxd migrate` and `outbox::migrate(&client)`, which replace @schema@ with the
+-- configured schema name (default `outbox`), run each file once inside one transaction under
+-- an advisory lock, and record it in @schema@.schema_migrations.
+
+-- Where the virtual partition count lives. A single row; changing it affects only entities
+-- seen for the first time afterwards (see entity_partition).
+CREATE TABLE @schema@.settings (
+    singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    partition_count integer NOT NULL DEFAULT 16 CHECK (partition_count BETWEEN 1 AND 4096)
+);
+INSERT INTO @schema@.settings DEFAULT VALUES;
+
+-- The sticky mapping entity key -> virtual partition. The first message of an entity picks a
+-- partition (hash of the key modulo the *current* count) and records it; later messages reuse
+-- it. Writers lock the entity's row until they commit, which serializes the writers of one
+-- entity: their message ids are then taken in commit order (docs/guarantees.md).
+CREATE TABLE @schema@.entity_partition (
+    entity_key text PRIMARY KEY,
+    partition  integer NOT NULL CHECK (partition >= 0),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The messages waiting to be published. A row is deleted once Kafka acknowledged it.
+CREATE TABLE @schema@.message (
+    partition       integer NOT NULL,
+    id              bigint GENERATED ALWAYS AS IDENTITY,
+    -- The writing transaction: the relay cuts its reads by transaction snapshots, so a
+    -- transaction that commits late is still read, and the read never walks the dead rows
+    -- of messages already published.
+    xid             xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    topic           text NOT NULL,
+    entity_key      text NOT NULL,
+    kafka_key       bytea,
+    kafka_partition integer,
+    payload         bytea,
+    header_names    text[] NOT NULL DEFAULT '{}',
+    header_values   bytea[] NOT NULL DEFAULT '{}',
+    event_type      text,
+    created_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (partition, id),
+    CHECK (topic <> '' AND entity_key <> ''),
+    CHECK (cardinality(header_names) = cardinality(header_values)),
+    CHECK (kafka_partition IS NULL OR kafka_partition >= 0)
+);
+CREATE INDEX message_partition_xid ON @schema@.message (partition, xid);
+
+-- Checks one message's fields and raises invalid_parameter_value naming the bad one, so
+-- callers in any language get the same errors as the Rust library.
+CREATE FUNCTION @schema@.check_message(
+    p_topic text, p_entity_key text, p_kafka_partition integer,
+    p_header_names text[], p_header_values bytea[]
+) RETURNS void LANGUAGE plpgsql IMMUTABLE AS $fn$
+BEGIN
+    IF p_topic IS NULL OR p_topic = '' THEN
+        RAISE EXCEPTION 'outbox: topic must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF length(p_topic) > 249 OR p_topic !~ '^[A-Za-z0-9._-]+$' OR p_topic IN ('.', '..') THEN
+        RAISE EXCEPTION 'outbox: invalid Kafka topic name %', quote_literal(p_topic)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Kafka topics are 1 to 249 characters of [A-Za-z0-9._-], not "." or ".."';
+    END IF;
+    IF p_entity_key IS NULL OR p_entity_key = '' THEN
+        RAISE EXCEPTION 'outbox: entity key must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_kafka_partition IS NOT NULL AND p_kafka_partition < 0 THEN
+        RAISE EXCEPTION 'outbox: Kafka partition must be >= 0, got %', p_kafka_partition
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cardinality(coalesce(p_header_names, '{}')) <> cardinality(coalesce(p_header_values, '{}')) THEN
+        RAISE EXCEPTION 'outbox: % header names but % header values',
+            cardinality(p_header_names), cardinality(p_header_values)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(p_header_names) AS h(name) WHERE h.name IS NULL OR h.name = '') THEN
+        RAISE EXCEPTION 'outbox: header names must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$fn$;
+
+-- Returns the entity's virtual partition, creating the sticky mapping on first use, and holds
+-- a row lock on the mapping until the caller's transaction ends. That lock is what makes the
+-- message ids of one entity follow commit order.
+CREATE FUNCTION @schema@.lock_entity_partition(p_entity_key text)
+RETURNS integer LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_partition integer;
+BEGIN
+    LOOP
+        SELECT partition INTO v_partition
+          FROM @schema@.entity_partition
+         WHERE entity_key = p_entity_key
+           FOR NO KEY UPDATE;
+        IF FOUND THEN
+            RETURN v_partition;
+        END IF;
+        -- First message of this entity: pick by hash modulo the current count. A concurrent
+        -- first writer makes ON CONFLICT wait for it; then we loop and lock its row.
+        INSERT INTO @schema@.entity_partition (entity_key, partition)
+        SELECT p_entity_key,
+               (((hashtextextended(p_entity_key, 0) % s.partition_count) + s.partition_count)
+                 % s.partition_count)::integer
+          FROM @schema@.settings s
+        ON CONFLICT (entity_key) DO NOTHING
+        RETURNING partition INTO v_partition;
+        IF FOUND THEN
+            RETURN v_partition;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+-- Writes one message inside the caller's transaction and returns its id. This is what the
+-- Rust `save_in_tx` calls, so both paths have one implementation.
+CREATE FUNCTION @schema@.enqueue(
+    p_topic text, p_entity_key text, p_payload bytea,
+    p_kafka_key bytea, p_kafka_partition integer,
+    p_header_names text[], p_header_values bytea[], p_event_type text
+) RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_partition integer;
+    v_id bigint;
+BEGIN
+    PERFORM @schema@.check_message(p_topic, p_entity_key, p_kafka_partition, p_header_names, p_header_values);
+    -- Lock first, then take the id: the id is assigned after any earlier writer of this
+    -- entity has committed.
+    v_partition := @schema@.lock_entity_partition(p_entity_key);
+    INSERT INTO @schema@.message (partition, topic, entity_key, kafka_key, kafka_partition,
+                                  payload, header_names, header_values, event_type)
+    VALUES (v_partition, p_topic, p_entity_key, p_kafka_key, p_kafka_partition,
+            p_payload, coalesce(p_header_names, '{}'), coalesce(p_header_values, '{}'), p_event_type)
+    RETURNING id INTO v_id;
+    RETURN v_id;
+END
+$fn$;
+
+-- The entry point for services written in other languages: same semantics as `save_in_tx`.
+-- Header values in `headers` must be JSON strings; they are sent as their UTF-8 bytes.
+CREATE FUNCTION @schema@.save_message(
+    topic text, entity_key text, payload bytea,
+    headers jsonb DEFAULT NULL, event_type text DEFAULT NULL
+) RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_names text[] := '{}';
+    v_values bytea[] := '{}';
+BEGIN
+    IF headers IS NOT NULL THEN
+        IF jsonb_typeof(headers) <> 'object' THEN
+            RAISE EXCEPTION 'outbox: headers must be a JSON object of strings, got %', jsonb_typeof(headers)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF EXISTS (SELECT 1 FROM jsonb_each(headers) e WHERE jsonb_typeof(e.value) <> 'string') THEN
+            RAISE EXCEPTION 'outbox: header values must be JSON strings'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        SELECT coalesce(array_agg(e.key ORDER BY e.key), '{}'),
+               coalesce(array_agg(convert_to(e.value, 'UTF8') ORDER BY e.key), '{}')
+          INTO v_names, v_values
+          FROM jsonb_each_text(headers) e;
+    END IF;
+    RETURN @schema@.enqueue(topic, entity_key, payload, NULL, NULL, v_names, v_values, event_type);
+END
+$fn$;
