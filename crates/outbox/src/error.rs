@@ -37,7 +37,9 @@ pub enum Error {
         reason: &'static str,
     },
     /// The payload is larger than the configured maximum.
-    #[error("outbox: payload of {size} bytes exceeds the maximum of {max} bytes (entity {entity_key:?})")]
+    #[error(
+        "outbox: payload of {size} bytes exceeds the maximum of {max} bytes (entity {entity_key:?})"
+    )]
     PayloadTooLarge {
         /// The message's entity key.
         entity_key: String,
@@ -47,7 +49,9 @@ pub enum Error {
         max: usize,
     },
     /// The headers together are larger than the configured maximum.
-    #[error("outbox: headers of {size} bytes exceed the maximum of {max} bytes (entity {entity_key:?})")]
+    #[error(
+        "outbox: headers of {size} bytes exceed the maximum of {max} bytes (entity {entity_key:?})"
+    )]
     HeadersTooLarge {
         /// The message's entity key.
         entity_key: String,
@@ -61,10 +65,14 @@ pub enum Error {
     #[error("outbox: payload could not be encoded as JSON: {0}")]
     Json(#[from] serde_json::Error),
     /// The schema name is not a plain lower-case SQL identifier.
-    #[error("outbox: invalid schema name {0:?}: use 1 to 63 characters of [a-z0-9_], not starting with a digit")]
+    #[error(
+        "outbox: invalid schema name {0:?}: use 1 to 63 characters of [a-z0-9_], not starting with a digit"
+    )]
     InvalidSchemaName(String),
     /// The outbox schema is missing or older than this library.
-    #[error("outbox: schema {schema:?} is {problem}; run `outboxd migrate` (or `outbox::migrate`) first")]
+    #[error(
+        "outbox: schema {schema:?} is {problem}; run `outboxd migrate` (or `outbox::migrate`) first"
+    )]
     SchemaNotReady {
         /// The schema that was looked for.
         schema: String,

@@ -37,7 +37,11 @@ pub async fn migrate_schema(client: &tokio_postgres::Client, schema: &Schema) ->
         .await
         .map_err(Error::db("starting the migration transaction"))?;
     let outcome = apply_pending(client, schema).await;
-    let end = if outcome.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let end = if outcome.is_ok() {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
     let ended = client
         .batch_execute(end)
         .await
@@ -71,7 +75,10 @@ async fn apply_pending(client: &tokio_postgres::Client, schema: &Schema) -> Resu
         .await
         .map_err(Error::db("creating the schema"))?;
     let applied: Vec<i32> = client
-        .query(&format!("SELECT version FROM {name}.schema_migrations"), &[])
+        .query(
+            &format!("SELECT version FROM {name}.schema_migrations"),
+            &[],
+        )
         .await
         .map_err(Error::db("reading applied migrations"))?
         .iter()

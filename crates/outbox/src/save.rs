@@ -189,7 +189,9 @@ impl Outbox {
     /// passing on "function outbox.enqueue does not exist".
     fn map_db_error(&self, e: tokio_postgres::Error, context: &'static str) -> Error {
         match e.code() {
-            Some(c) if *c == SqlState::INVALID_SCHEMA_NAME || *c == SqlState::UNDEFINED_FUNCTION => {
+            Some(c)
+                if *c == SqlState::INVALID_SCHEMA_NAME || *c == SqlState::UNDEFINED_FUNCTION =>
+            {
                 self.schema_not_ready("missing or not migrated")
             }
             _ => Error::Database { context, source: e },

@@ -49,7 +49,10 @@ mod tests {
         let ceilings = [100u64, 200, 400, 800, 1000, 1000];
         for c in ceilings {
             let d = b.next_delay();
-            assert!(d >= Duration::from_millis(c / 2) && d <= Duration::from_millis(c), "{d:?} vs {c}");
+            assert!(
+                d >= Duration::from_millis(c / 2) && d <= Duration::from_millis(c),
+                "{d:?} vs {c}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

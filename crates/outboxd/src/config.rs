@@ -61,12 +61,27 @@ impl Default for Config {
 /// per-entity order or the at-least-once guarantee.
 const RESERVED_KAFKA_KEYS: &[(&str, &str)] = &[
     ("bootstrap.servers", "use `brokers`"),
-    ("enable.idempotence", "the relay needs the idempotent producer to keep order on retries"),
+    (
+        "enable.idempotence",
+        "the relay needs the idempotent producer to keep order on retries",
+    ),
     ("acks", "the idempotent producer needs acks=all"),
-    ("max.in.flight.requests.per.connection", "more than 5 breaks idempotent ordering; the relay sets it"),
-    ("max.in.flight", "more than 5 breaks idempotent ordering; the relay sets it"),
-    ("retries", "the relay relies on librdkafka retrying within message.timeout.ms"),
-    ("message.send.max.retries", "the relay relies on librdkafka retrying within message.timeout.ms"),
+    (
+        "max.in.flight.requests.per.connection",
+        "more than 5 breaks idempotent ordering; the relay sets it",
+    ),
+    (
+        "max.in.flight",
+        "more than 5 breaks idempotent ordering; the relay sets it",
+    ),
+    (
+        "retries",
+        "the relay relies on librdkafka retrying within message.timeout.ms",
+    ),
+    (
+        "message.send.max.retries",
+        "the relay relies on librdkafka retrying within message.timeout.ms",
+    ),
     ("enable.gapless.guarantee", "set by the relay"),
     ("transactional.id", "transactions are not used by the relay"),
 ];
@@ -93,9 +108,13 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let mut problems = Vec::new();
         if self.database_url.trim().is_empty() {
-            problems.push("database_url is required (--database-url or OUTBOXD_DATABASE_URL)".to_owned());
+            problems.push(
+                "database_url is required (--database-url or OUTBOXD_DATABASE_URL)".to_owned(),
+            );
         } else if let Err(e) = self.database_url.parse::<tokio_postgres::Config>() {
-            problems.push(format!("database_url is not a valid connection string: {e}"));
+            problems.push(format!(
+                "database_url is not a valid connection string: {e}"
+            ));
         }
         if self.brokers.trim().is_empty() {
             problems.push("brokers is required (--brokers or OUTBOXD_BROKERS)".to_owned());
@@ -104,7 +123,10 @@ impl Config {
             problems.push(format!("schema: {e}"));
         }
         if !(1..=100_000).contains(&self.batch_size) {
-            problems.push(format!("batch_size must be 1..=100000, got {}", self.batch_size));
+            problems.push(format!(
+                "batch_size must be 1..=100000, got {}",
+                self.batch_size
+            ));
         }
         for (name, value) in [
             ("poll_interval_ms", self.poll_interval_ms),

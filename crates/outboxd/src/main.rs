@@ -19,7 +19,12 @@ struct Cli {
     #[arg(long, env = "OUTBOXD_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// PostgreSQL connection string, e.g. postgres://user@127.0.0.1:5432/db.
-    #[arg(long, env = "OUTBOXD_DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "OUTBOXD_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
     database_url: Option<String>,
     /// Kafka bootstrap servers, comma-separated host:port.
     #[arg(long, env = "OUTBOXD_BROKERS", global = true)]
@@ -78,7 +83,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outboxd: cannot start the async runtime: {e}");
@@ -104,9 +112,13 @@ async fn execute(cli: Cli) -> Result<(), Error> {
                 config.brokers = "unused".to_owned();
             }
             config.validate()?;
-            let (client, connection) = tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
-                .await
-                .map_err(|source| Error::Postgres { context: "connecting", source })?;
+            let (client, connection) =
+                tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|source| Error::Postgres {
+                        context: "connecting",
+                        source,
+                    })?;
             tokio::spawn(connection);
             let schema = config.schema()?;
             outbox::migrate_schema(&client, &schema).await?;
@@ -143,7 +155,10 @@ async fn shutdown_signal() {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -163,7 +178,12 @@ fn mask_password(url: &str) -> String {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];
             match userinfo.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &userinfo[..colon], &url[at..]),
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
                 None => url.to_owned(),
             }
         }

@@ -73,7 +73,10 @@ impl Publisher {
                 Err(e) => {
                     // Later rows must not go out ahead of this one: stop enqueuing.
                     let acked = count_acked(join_all(deliveries).await);
-                    return PublishOutcome { acked: acked.0, error: acked.1.or(Some(e)) };
+                    return PublishOutcome {
+                        acked: acked.0,
+                        error: acked.1.or(Some(e)),
+                    };
                 }
             }
         }
@@ -85,16 +88,32 @@ impl Publisher {
     async fn enqueue(&self, row: &OutboxRow) -> std::result::Result<DeliveryFuture, KafkaError> {
         let id = row.id.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(row.header_names.len() + 3)
-            .insert(Header { key: HEADER_ID, value: Some(id.as_bytes()) })
-            .insert(Header { key: HEADER_ENTITY_KEY, value: Some(row.entity_key.as_bytes()) });
+            .insert(Header {
+                key: HEADER_ID,
+                value: Some(id.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_ENTITY_KEY,
+                value: Some(row.entity_key.as_bytes()),
+            });
         if let Some(t) = &row.event_type {
-            headers = headers.insert(Header { key: HEADER_EVENT_TYPE, value: Some(t.as_bytes()) });
+            headers = headers.insert(Header {
+                key: HEADER_EVENT_TYPE,
+                value: Some(t.as_bytes()),
+            });
         }
         for (k, v) in row.header_names.iter().zip(&row.header_values) {
-            headers = headers.insert(Header { key: k, value: Some(v.as_slice()) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_slice()),
+            });
         }
-        let key: &[u8] = row.kafka_key.as_deref().unwrap_or(row.entity_key.as_bytes());
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&row.topic).key(key).headers(headers);
+        let key: &[u8] = row
+            .kafka_key
+            .as_deref()
+            .unwrap_or(row.entity_key.as_bytes());
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&row.topic).key(key).headers(headers);
         if let Some(p) = &row.payload {
             record = record.payload(p.as_slice());
         }
@@ -116,7 +135,9 @@ impl Publisher {
     /// Waits until every enqueued message is delivered or failed; called before exit, since
     /// dropping a producer purges what is still in flight.
     pub fn flush(&self, timeout: Duration) -> Result<()> {
-        self.producer.flush(timeout).map_err(Error::kafka("flushing the producer"))
+        self.producer
+            .flush(timeout)
+            .map_err(Error::kafka("flushing the producer"))
     }
 }
 

@@ -80,7 +80,11 @@ impl PartitionReader {
 
     /// The next batch in order, or an empty vector when nothing new is committed. The
     /// caller must retire (delete) a returned batch before calling this again.
-    pub async fn next_batch(&mut self, client: &Client, sql: &Statements) -> Result<Vec<OutboxRow>> {
+    pub async fn next_batch(
+        &mut self,
+        client: &Client,
+        sql: &Statements,
+    ) -> Result<Vec<OutboxRow>> {
         // Two rounds at most: a continued window can turn out empty (its last batch was
         // exactly `batch_size` rows), and then the next window is opened at once.
         for _ in 0..2 {
@@ -94,7 +98,12 @@ impl PartitionReader {
             let rows = client
                 .query(
                     &sql.read_batch,
-                    &[&self.partition, &window.cursor, &window.snapshot, &self.batch_size],
+                    &[
+                        &self.partition,
+                        &window.cursor,
+                        &window.snapshot,
+                        &self.batch_size,
+                    ],
                 )
                 .await
                 .map_err(Error::pg("reading a batch"))?;
@@ -120,8 +129,16 @@ impl PartitionReader {
     /// the previous one. Returns `None`, recording the snapshot as read, when there is none.
     async fn open_window(&mut self, client: &Client, sql: &Statements) -> Result<Option<Window>> {
         let row = match &self.previous {
-            Some(prev) => client.query_one(&sql.open_window, &[&self.partition, prev]).await,
-            None => client.query_one(&sql.open_first_window, &[&self.partition]).await,
+            Some(prev) => {
+                client
+                    .query_one(&sql.open_window, &[&self.partition, prev])
+                    .await
+            }
+            None => {
+                client
+                    .query_one(&sql.open_first_window, &[&self.partition])
+                    .await
+            }
         }
         .map_err(Error::pg("opening a read window"))?;
         let snapshot: String = row.get(0);

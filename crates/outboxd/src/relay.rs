@@ -76,7 +76,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(?shutdown_timeout, "in-flight batches did not finish in time; abandoning them (they are published again on restart)");
+        tracing::warn!(
+            ?shutdown_timeout,
+            "in-flight batches did not finish in time; abandoning them (they are published again on restart)"
+        );
         tasks.abort_all();
     }
     ctx.publisher.flush(shutdown_timeout)?;

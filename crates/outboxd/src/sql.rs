@@ -73,9 +73,7 @@ impl Statements {
             delete_batch: format!(
                 "DELETE FROM {s}.message WHERE partition = $1::int4 AND id = ANY ($2::int8[])"
             ),
-            last_message_id: format!(
-                "SELECT last_value FROM {s}.message_id_seq"
-            ),
+            last_message_id: format!("SELECT last_value FROM {s}.message_id_seq"),
         }
     }
 

@@ -5,16 +5,17 @@
 
 use std::time::Duration;
 
+use rand::Rng;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
-use rand::Rng;
 use tokio_postgres::{Client, NoTls};
 
 /// What to run when a service is not reachable.
-pub const START_HINT: &str = "start the services with `scripts/services up` (or run `scripts/test`, which does)";
+pub const START_HINT: &str =
+    "start the services with `scripts/services up` (or run `scripts/test`, which does)";
 
 /// The test database URL: `OUTBOX_TEST_DATABASE_URL`, else the one `scripts/services` creates.
 pub fn database_url() -> String {
@@ -36,7 +37,9 @@ pub async fn try_connect(url: &str) -> Result<Client, String> {
             });
             Ok(client)
         }
-        Err(e) => Err(format!("PostgreSQL is not reachable at {url}: {e}; {START_HINT}")),
+        Err(e) => Err(format!(
+            "PostgreSQL is not reachable at {url}: {e}; {START_HINT}"
+        )),
     }
 }
 
@@ -88,7 +91,10 @@ pub async fn create_topic(prefix: &str, partitions: i32) -> String {
         .unwrap_or_else(|e| panic!("creating a Kafka admin client: {e}"));
     let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
     let results = admin
-        .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+        .create_topics(
+            [&topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
         .await
         .unwrap_or_else(|e| panic!("creating topic {name}: {e}"));
     for r in results {

@@ -17,11 +17,23 @@ fn order_event(entity: &str, body: &str) -> Message {
 async fn rollback_leaves_no_message_and_no_mapping() {
     let mut t = TestSchema::new().await;
     let tx = t.client.transaction().await.expect("begin");
-    let id = t.outbox.save_in_tx(&tx, &order_event("order-1", "x")).await.expect("save");
+    let id = t
+        .outbox
+        .save_in_tx(&tx, &order_event("order-1", "x"))
+        .await
+        .expect("save");
     assert!(id > 0);
     tx.rollback().await.expect("rollback");
-    assert_eq!(t.count("message").await, 0, "rolled-back message must not exist");
-    assert_eq!(t.count("entity_partition").await, 0, "rolled-back mapping must not exist");
+    assert_eq!(
+        t.count("message").await,
+        0,
+        "rolled-back message must not exist"
+    );
+    assert_eq!(
+        t.count("entity_partition").await,
+        0,
+        "rolled-back mapping must not exist"
+    );
     t.cleanup().await;
 }
 
@@ -34,9 +46,15 @@ async fn message_is_invisible_to_others_until_commit() {
         t.schema
     );
     let tx = t.client.transaction().await.expect("begin");
-    t.outbox.save_in_tx(&tx, &order_event("order-2", "x")).await.expect("save");
+    t.outbox
+        .save_in_tx(&tx, &order_event("order-2", "x"))
+        .await
+        .expect("save");
     let before: i64 = other.query_one(&select, &[]).await.expect("count").get(0);
-    assert_eq!(before, 0, "another session must not see an uncommitted message");
+    assert_eq!(
+        before, 0,
+        "another session must not see an uncommitted message"
+    );
     tx.commit().await.expect("commit");
     let after: i64 = other.query_one(&select, &[]).await.expect("count").get(0);
     assert_eq!(after, 1, "the message is visible once committed");
@@ -57,7 +75,11 @@ async fn saved_row_has_every_field_and_the_sticky_partition() {
         .build()
         .expect("valid");
     let id1 = t.outbox.save_in_tx(&tx, &msg).await.expect("save");
-    let id2 = t.outbox.save_in_tx(&tx, &order_event("order-3", "second")).await.expect("save");
+    let id2 = t
+        .outbox
+        .save_in_tx(&tx, &order_event("order-3", "second"))
+        .await
+        .expect("save");
     tx.commit().await.expect("commit");
     assert!(id2 > id1, "ids increase within a transaction");
 
@@ -79,12 +101,25 @@ async fn saved_row_has_every_field_and_the_sticky_partition() {
     assert_eq!(row.get::<_, String>(1), "order-3");
     assert_eq!(row.get::<_, Option<Vec<u8>>>(2), Some(b"k3".to_vec()));
     assert_eq!(row.get::<_, Option<i32>>(3), Some(2));
-    assert_eq!(row.get::<_, Option<Vec<u8>>>(4), Some(b"{\"a\":1}".to_vec()));
+    assert_eq!(
+        row.get::<_, Option<Vec<u8>>>(4),
+        Some(b"{\"a\":1}".to_vec())
+    );
     assert_eq!(row.get::<_, Vec<String>>(5), vec!["h1", "h2"]);
-    assert_eq!(row.get::<_, Vec<Vec<u8>>>(6), vec![b"v1".to_vec(), Vec::new()]);
-    assert_eq!(row.get::<_, Option<String>>(7), Some("OrderPaid".to_owned()));
+    assert_eq!(
+        row.get::<_, Vec<Vec<u8>>>(6),
+        vec![b"v1".to_vec(), Vec::new()]
+    );
+    assert_eq!(
+        row.get::<_, Option<String>>(7),
+        Some("OrderPaid".to_owned())
+    );
     let partition: i32 = row.get(8);
-    assert_eq!(partition, row.get::<_, i32>(9), "message uses the entity's mapped partition");
+    assert_eq!(
+        partition,
+        row.get::<_, i32>(9),
+        "message uses the entity's mapped partition"
+    );
     assert!((0..16).contains(&partition));
     t.cleanup().await;
 }
@@ -94,7 +129,8 @@ async fn batch_save_returns_ids_in_order_and_writes_all() {
     let mut t = TestSchema::new().await;
     let msgs: Vec<Message> = (0..50)
         .map(|i| {
-            let mut b = Message::builder("orders", format!("order-{}", i % 7)).payload(vec![b'x'; i]);
+            let mut b =
+                Message::builder("orders", format!("order-{}", i % 7)).payload(vec![b'x'; i]);
             for h in 0..(i % 3) {
                 b = b.header(format!("h{h}"), vec![h as u8]);
             }
@@ -105,11 +141,17 @@ async fn batch_save_returns_ids_in_order_and_writes_all() {
     let ids = t.outbox.save_all_in_tx(&tx, &msgs).await.expect("save all");
     tx.commit().await.expect("commit");
     assert_eq!(ids.len(), 50);
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids follow input order: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids follow input order: {ids:?}"
+    );
     let rows = t
         .client
         .query(
-            &format!("SELECT id, entity_key, length(payload), header_names FROM {}.message ORDER BY id", t.schema),
+            &format!(
+                "SELECT id, entity_key, length(payload), header_names FROM {}.message ORDER BY id",
+                t.schema
+            ),
             &[],
         )
         .await
@@ -133,16 +175,27 @@ async fn free_functions_need_a_migrated_outbox_schema_and_say_so() {
         .await
         .expect("query")
         .get(0);
-    assert!(!exists, "the test database must not have an `outbox` schema");
+    assert!(
+        !exists,
+        "the test database must not have an `outbox` schema"
+    );
     let tx = client.transaction().await.expect("begin");
     let err = outbox::save_in_tx(&tx, &order_event("order-9", "x"))
         .await
         .expect_err("must fail without a schema");
     let text = err.to_string();
-    assert!(matches!(err, outbox::Error::SchemaNotReady { .. }), "{err:?}");
-    assert!(text.contains("\"outbox\"") && text.contains("outboxd migrate"), "{text}");
+    assert!(
+        matches!(err, outbox::Error::SchemaNotReady { .. }),
+        "{err:?}"
+    );
+    assert!(
+        text.contains("\"outbox\"") && text.contains("outboxd migrate"),
+        "{text}"
+    );
     drop(tx);
-    let err = outbox::check_schema(&client, &outbox::Schema::default()).await.expect_err("missing");
+    let err = outbox::check_schema(&client, &outbox::Schema::default())
+        .await
+        .expect_err("missing");
     assert!(err.to_string().contains("outboxd migrate"), "{err}");
 }
 
@@ -161,10 +214,17 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
     for r in runs {
         r.await.expect("join").expect("concurrent migrate succeeds");
     }
-    outbox::migrate_schema(&client, &schema).await.expect("again");
-    outbox::check_schema(&client, &schema).await.expect("schema ready");
+    outbox::migrate_schema(&client, &schema)
+        .await
+        .expect("again");
+    outbox::check_schema(&client, &schema)
+        .await
+        .expect("schema ready");
     let applied: i64 = client
-        .query_one(&format!("SELECT count(*) FROM {schema}.schema_migrations"), &[])
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.schema_migrations"),
+            &[],
+        )
         .await
         .expect("count")
         .get(0);

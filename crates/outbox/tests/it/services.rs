@@ -7,7 +7,10 @@ async fn missing_postgres_fails_with_a_hint() {
         .await
         .expect_err("nothing listens on port 1");
     assert!(err.contains("scripts/services up"), "{err}");
-    assert!(err.contains("127.0.0.1:1"), "the message names the address: {err}");
+    assert!(
+        err.contains("127.0.0.1:1"),
+        "the message names the address: {err}"
+    );
 }
 
 #[test]

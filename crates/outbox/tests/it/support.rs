@@ -14,7 +14,9 @@ impl TestSchema {
     pub async fn new() -> TestSchema {
         let client = outbox_testkit::connect().await;
         let schema = Schema::new(outbox_testkit::unique_name("t")).expect("valid schema name");
-        outbox::migrate_schema(&client, &schema).await.expect("migrate");
+        outbox::migrate_schema(&client, &schema)
+            .await
+            .expect("migrate");
         TestSchema {
             client,
             outbox: Outbox::new(schema.clone()),
@@ -29,7 +31,10 @@ impl TestSchema {
 
     pub async fn count(&self, table: &str) -> i64 {
         self.client
-            .query_one(&format!("SELECT count(*) FROM {}.{table}", self.schema), &[])
+            .query_one(
+                &format!("SELECT count(*) FROM {}.{table}", self.schema),
+                &[],
+            )
             .await
             .expect("count")
             .get(0)

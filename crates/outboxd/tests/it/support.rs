@@ -1,0 +1,96 @@
+//! Per-test setup for relay tests: a migrated schema, a topic, and a relay running in the
+//! background until the test stops it.
+
+use std::time::Duration;
+
+use outbox::{Outbox, Schema};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+/// A migrated schema of this test's own with `partitions` virtual partitions.
+pub struct Setup {
+    pub client: Client,
+    pub schema: Schema,
+    pub outbox: Outbox,
+}
+
+impl Setup {
+    pub async fn new(partitions: i32) -> Setup {
+        let client = outbox_testkit::connect().await;
+        let schema = Schema::new(outbox_testkit::unique_name("r")).expect("schema name");
+        outbox::migrate_schema(&client, &schema)
+            .await
+            .expect("migrate");
+        client
+            .execute(
+                &format!("UPDATE {schema}.settings SET partition_count = $1"),
+                &[&partitions],
+            )
+            .await
+            .expect("set partition count");
+        Setup {
+            client,
+            outbox: Outbox::new(schema.clone()),
+            schema,
+        }
+    }
+
+    pub fn relay_config(&self) -> outboxd::Config {
+        outboxd::Config {
+            database_url: outbox_testkit::database_url(),
+            brokers: outbox_testkit::brokers(),
+            schema: self.schema.name().to_owned(),
+            ..outboxd::Config::default()
+        }
+    }
+
+    pub async fn remaining(&self) -> i64 {
+        self.client
+            .query_one(
+                &format!("SELECT count(*) FROM {}.message", self.schema),
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0)
+    }
+
+    pub async fn cleanup(self) {
+        outbox_testkit::drop_schema(&self.client, self.schema.name()).await;
+    }
+}
+
+/// A relay running in the background.
+pub struct RunningRelay {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<outboxd::Result<()>>,
+}
+
+impl RunningRelay {
+    pub fn start(config: outboxd::Config) -> RunningRelay {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(outboxd::relay::run(config, async {
+            let _ = stopped.await;
+        }));
+        RunningRelay { stop, task }
+    }
+
+    /// Stops it gracefully and checks that it ended without error.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("relay stops within 30 s")
+            .expect("relay task did not panic")
+            .expect("relay ended without error");
+    }
+}
+
+/// Parses the `outbox-id` header.
+pub fn outbox_id(m: &outbox_testkit::Consumed) -> i64 {
+    m.header("outbox-id")
+        .expect("every message carries outbox-id")
+        .parse()
+        .expect("outbox-id is a number")
+}
