@@ -162,3 +162,86 @@ BEGIN
     RETURN @schema@.enqueue(topic, entity_key, payload, NULL, NULL, v_names, v_values, event_type);
 END
 $fn$;
+
+-- Writes a batch of messages inside the caller's transaction and returns their ids, which
+-- increase in input order. Set-based: one statement creates the missing mappings, one locks
+-- every entity of the batch (in key order, to keep concurrent batches from deadlocking),
+-- one inserts all messages. Headers travel flattened (arrays must be rectangular):
+-- message i has the names/values at positions p_header_offsets[i] + 1 ..
+-- p_header_offsets[i] + p_header_counts[i].
+CREATE FUNCTION @schema@.enqueue_batch(
+    p_topics text[], p_entity_keys text[], p_payloads bytea[], p_kafka_keys bytea[],
+    p_kafka_partitions integer[], p_event_types text[],
+    p_header_offsets integer[], p_header_counts integer[],
+    p_header_names text[], p_header_values bytea[]
+) RETURNS SETOF bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    n integer := coalesce(cardinality(p_topics), 0);
+    i integer;
+BEGIN
+    IF coalesce(cardinality(p_entity_keys), 0) <> n OR coalesce(cardinality(p_payloads), 0) <> n
+       OR coalesce(cardinality(p_kafka_keys), 0) <> n OR coalesce(cardinality(p_kafka_partitions), 0) <> n
+       OR coalesce(cardinality(p_event_types), 0) <> n OR coalesce(cardinality(p_header_offsets), 0) <> n
+       OR coalesce(cardinality(p_header_counts), 0) <> n
+       OR coalesce(cardinality(p_header_names), 0) <> coalesce(cardinality(p_header_values), 0) THEN
+        RAISE EXCEPTION 'outbox: enqueue_batch arrays differ in length' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF n = 0 THEN
+        RETURN;
+    END IF;
+    -- Fast set-based check; only when it finds a problem, check row by row for the message.
+    IF EXISTS (SELECT 1
+                 FROM unnest(p_topics, p_entity_keys, p_kafka_partitions, p_header_offsets, p_header_counts)
+                      AS u(topic, entity_key, kafka_partition, h_off, h_cnt)
+                WHERE u.topic IS NULL OR u.topic !~ '^[A-Za-z0-9._-]{1,249}$' OR u.topic IN ('.', '..')
+                   OR u.entity_key IS NULL OR u.entity_key = '' OR u.kafka_partition < 0
+                   OR u.h_off IS NULL OR u.h_cnt IS NULL OR u.h_off < 0 OR u.h_cnt < 0
+                   OR u.h_off + u.h_cnt > coalesce(cardinality(p_header_names), 0))
+       OR EXISTS (SELECT 1 FROM unnest(p_header_names) AS h(name) WHERE h.name IS NULL OR h.name = '') THEN
+        FOR i IN 1..n LOOP
+            IF p_header_offsets[i] IS NULL OR p_header_counts[i] IS NULL OR p_header_offsets[i] < 0
+               OR p_header_counts[i] < 0
+               OR p_header_offsets[i] + p_header_counts[i] > coalesce(cardinality(p_header_names), 0) THEN
+                RAISE EXCEPTION 'outbox: message % of the batch has an invalid header slice', i
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            PERFORM @schema@.check_message(p_topics[i], p_entity_keys[i], p_kafka_partitions[i],
+                p_header_names[p_header_offsets[i] + 1 : p_header_offsets[i] + p_header_counts[i]],
+                p_header_values[p_header_offsets[i] + 1 : p_header_offsets[i] + p_header_counts[i]]);
+        END LOOP;
+    END IF;
+
+    INSERT INTO @schema@.entity_partition (entity_key, partition)
+    SELECT k.entity_key,
+           (((hashtextextended(k.entity_key, 0) % s.partition_count) + s.partition_count)
+             % s.partition_count)::integer
+      FROM (SELECT DISTINCT u.entity_key FROM unnest(p_entity_keys) AS u(entity_key)) k,
+           @schema@.settings s
+     ORDER BY k.entity_key
+    ON CONFLICT (entity_key) DO NOTHING;
+
+    -- Lock first, then take the ids (see enqueue).
+    PERFORM 1 FROM @schema@.entity_partition
+      WHERE entity_key = ANY (p_entity_keys)
+      ORDER BY entity_key
+      FOR NO KEY UPDATE;
+
+    RETURN QUERY
+    WITH inserted AS (
+        INSERT INTO @schema@.message (partition, topic, entity_key, kafka_key, kafka_partition,
+                                      payload, header_names, header_values, event_type)
+        SELECT e.partition, u.topic, u.entity_key, u.kafka_key, u.kafka_partition, u.payload,
+               coalesce(p_header_names[u.h_off + 1 : u.h_off + u.h_cnt], '{}'),
+               coalesce(p_header_values[u.h_off + 1 : u.h_off + u.h_cnt], '{}'),
+               u.event_type
+          FROM unnest(p_topics, p_entity_keys, p_payloads, p_kafka_keys, p_kafka_partitions,
+                      p_event_types, p_header_offsets, p_header_counts)
+               WITH ORDINALITY AS u(topic, entity_key, payload, kafka_key, kafka_partition,
+                                    event_type, h_off, h_cnt, ord)
+          JOIN @schema@.entity_partition e ON e.entity_key = u.entity_key
+         ORDER BY u.ord
+        RETURNING id
+    )
+    SELECT id FROM inserted;
+END
+$fn$;

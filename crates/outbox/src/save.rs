@@ -44,13 +44,7 @@ impl Outbox {
         Outbox {
             enqueue_sql: format!("SELECT {s}.enqueue($1, $2, $3, $4, $5, $6, $7, $8)"),
             enqueue_batch_sql: format!(
-                "SELECT u.ord, {s}.enqueue(u.topic, u.entity_key, u.payload, u.kafka_key,
-                        u.kafka_partition, ($9::text[])[u.h_off + 1 : u.h_off + u.h_cnt],
-                        ($10::bytea[])[u.h_off + 1 : u.h_off + u.h_cnt], u.event_type)
-                   FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::int4[],
-                               $6::text[], $7::int4[], $8::int4[])
-                        WITH ORDINALITY AS u(topic, entity_key, payload, kafka_key,
-                                             kafka_partition, event_type, h_off, h_cnt, ord)"
+                "SELECT * FROM {s}.enqueue_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             ),
             schema,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
@@ -103,12 +97,12 @@ impl Outbox {
     }
 
     /// Writes all `msgs` inside the caller's transaction in one round trip and returns their
-    /// ids in the same order. Either every message is written or none is: one invalid
+    /// ids in the same order (they increase along the slice). Either every message is written or none is: one invalid
     /// message refuses the whole batch before anything is sent.
     ///
-    /// Entity rows are locked in the order of `msgs`; two transactions that write the same
-    /// entities in opposite orders can deadlock (PostgreSQL aborts one, and
-    /// [`Error::is_retryable`] is true), as with any row locks.
+    /// The batch's entity rows are locked in key order, which keeps concurrent batches from
+    /// deadlocking in the common case; with other row locks the caller holds, a deadlock is
+    /// still possible (PostgreSQL aborts one transaction and [`Error::is_retryable`] is true).
     pub async fn save_all_in_tx(&self, tx: &Transaction<'_>, msgs: &[Message]) -> Result<Vec<i64>> {
         if msgs.is_empty() {
             return Ok(Vec::new());
@@ -150,18 +144,12 @@ impl Outbox {
             .query_typed(&self.enqueue_batch_sql, &params)
             .await
             .map_err(|e| self.map_db_error(e, "saving a batch of messages"))?;
-        let mut ids = vec![0i64; msgs.len()];
-        for row in &rows {
-            let ord: i64 = row.get(0);
-            let slot = usize::try_from(ord - 1)
-                .ok()
-                .and_then(|i| ids.get_mut(i))
-                .ok_or_else(|| self.schema_not_ready("enqueue batch returned an unexpected row"))?;
-            *slot = row.get(1);
+        // The ids were taken in input order; the order rows come back in is not promised.
+        let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        if ids.len() != msgs.len() {
+            return Err(self.schema_not_ready("enqueue_batch returned the wrong number of ids"));
         }
-        if rows.len() != msgs.len() {
-            return Err(self.schema_not_ready("enqueue batch returned the wrong number of rows"));
-        }
+        ids.sort_unstable();
         Ok(ids)
     }
 

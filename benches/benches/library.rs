@@ -1,0 +1,118 @@
+//! Library speed, against the real PostgreSQL (durable commits):
+//!
+//! - `overhead`: 8 concurrent writers; a transaction that inserts one business row, with and
+//!   without `save_in_tx` of a 300-byte message. Issue target: ratio <= 1.3.
+//! - `batch`: 4 connections, each transaction `save_all_in_tx` of 100 messages of 300
+//!   bytes. Issue target: >= 80,000 messages/s.
+//!
+//! Run: `scripts/services up && cargo bench -p outbox-benches --bench library`
+
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use outbox::Message;
+use outbox_benches::BenchDb;
+use rand::Rng;
+
+const PAYLOAD: [u8; 300] = [b'x'; 300];
+const ENTITIES: u32 = 10_000;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn random_entity() -> String {
+    format!("order-{}", rand::rng().random_range(0..ENTITIES))
+}
+
+fn overhead(c: &mut Criterion) {
+    let rt = runtime();
+    let db = rt.block_on(BenchDb::new("bench_overhead", 8));
+    let s = db.schema.name().to_owned();
+    rt.block_on(db.execute(&format!(
+        "CREATE TABLE {s}.business (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, entity text NOT NULL, body bytea NOT NULL)"
+    )));
+    let insert = format!("INSERT INTO {s}.business (entity, body) VALUES ($1, $2)");
+
+    let mut group = c.benchmark_group("overhead_8_writers");
+    group
+        .throughput(Throughput::Elements(1))
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(15));
+    for with_outbox in [false, true] {
+        let name = if with_outbox {
+            "business_row_plus_save_in_tx"
+        } else {
+            "business_row_only"
+        };
+        let insert = insert.clone();
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let insert = insert.clone();
+                rt.block_on(db.run(iters, move |client, outbox| {
+                    let insert = insert.clone();
+                    async move {
+                        let mut client = client.lock().await;
+                        let tx = client.transaction().await.expect("begin");
+                        let entity = random_entity();
+                        tx.execute(&insert, &[&entity, &PAYLOAD.as_slice()])
+                            .await
+                            .expect("business insert");
+                        if with_outbox {
+                            let msg = Message::builder("orders", entity)
+                                .payload(PAYLOAD.to_vec())
+                                .build()
+                                .expect("valid");
+                            outbox.save_in_tx(&tx, &msg).await.expect("save");
+                        }
+                        tx.commit().await.expect("commit");
+                    }
+                }))
+            })
+        });
+    }
+    group.finish();
+    rt.block_on(db.drop());
+}
+
+fn batch(c: &mut Criterion) {
+    let rt = runtime();
+    let db = rt.block_on(BenchDb::new("bench_batch", 4));
+    let mut group = c.benchmark_group("batch_4_connections");
+    group
+        .throughput(Throughput::Elements(100))
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(15));
+    group.bench_function("save_all_in_tx_100x300B", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(db.run(iters, |client, outbox| async move {
+                let msgs: Vec<Message> = (0..100)
+                    .map(|_| {
+                        Message::builder("orders", random_entity())
+                            .payload(PAYLOAD.to_vec())
+                            .build()
+                            .expect("valid")
+                    })
+                    .collect();
+                let mut client = client.lock().await;
+                let tx = client.transaction().await.expect("begin");
+                outbox.save_all_in_tx(&tx, &msgs).await.expect("save all");
+                tx.commit().await.expect("commit");
+            }))
+        })
+    });
+    group.finish();
+    rt.block_on(db.drop());
+}
+
+// The macro generates an undocumented public function.
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion_group!(benches, overhead, batch);
+}
+criterion_main!(group::benches);
