@@ -73,41 +73,10 @@ BEGIN
             cardinality(p_header_names), cardinality(p_header_values)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF EXISTS (SELECT 1 FROM unnest(p_header_names) AS h(name) WHERE h.name IS NULL OR h.name = '') THEN
+    -- Expressions only (no queries): this runs for every message.
+    IF '' = ANY (p_header_names) OR array_position(p_header_names, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'outbox: header names must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-END
-$fn$;
-
--- Returns the entity's virtual partition, creating the sticky mapping on first use, and holds
--- a row lock on the mapping until the caller's transaction ends. That lock is what makes the
--- message ids of one entity follow commit order.
-CREATE FUNCTION @schema@.lock_entity_partition(p_entity_key text)
-RETURNS integer LANGUAGE plpgsql AS $fn$
-DECLARE
-    v_partition integer;
-BEGIN
-    LOOP
-        SELECT partition INTO v_partition
-          FROM @schema@.entity_partition
-         WHERE entity_key = p_entity_key
-           FOR NO KEY UPDATE;
-        IF FOUND THEN
-            RETURN v_partition;
-        END IF;
-        -- First message of this entity: pick by hash modulo the current count. A concurrent
-        -- first writer makes ON CONFLICT wait for it; then we loop and lock its row.
-        INSERT INTO @schema@.entity_partition (entity_key, partition)
-        SELECT p_entity_key,
-               (((hashtextextended(p_entity_key, 0) % s.partition_count) + s.partition_count)
-                 % s.partition_count)::integer
-          FROM @schema@.settings s
-        ON CONFLICT (entity_key) DO NOTHING
-        RETURNING partition INTO v_partition;
-        IF FOUND THEN
-            RETURN v_partition;
-        END IF;
-    END LOOP;
 END
 $fn$;
 
@@ -123,9 +92,25 @@ DECLARE
     v_id bigint;
 BEGIN
     PERFORM @schema@.check_message(p_topic, p_entity_key, p_kafka_partition, p_header_names, p_header_values);
-    -- Lock first, then take the id: the id is assigned after any earlier writer of this
-    -- entity has committed.
-    v_partition := @schema@.lock_entity_partition(p_entity_key);
+    -- Find the entity's partition, creating the sticky mapping on first use (hash modulo the
+    -- current count), and lock the mapping row until this transaction ends. Lock first, then
+    -- take the id: the id is assigned after any earlier writer of this entity has committed.
+    -- A concurrent first writer makes ON CONFLICT wait for it; then the loop locks its row.
+    LOOP
+        SELECT partition INTO v_partition
+          FROM @schema@.entity_partition
+         WHERE entity_key = p_entity_key
+           FOR NO KEY UPDATE;
+        EXIT WHEN FOUND;
+        INSERT INTO @schema@.entity_partition (entity_key, partition)
+        SELECT p_entity_key,
+               (((hashtextextended(p_entity_key, 0) % s.partition_count) + s.partition_count)
+                 % s.partition_count)::integer
+          FROM @schema@.settings s
+        ON CONFLICT (entity_key) DO NOTHING
+        RETURNING partition INTO v_partition;
+        EXIT WHEN FOUND;
+    END LOOP;
     INSERT INTO @schema@.message (partition, topic, entity_key, kafka_key, kafka_partition,
                                   payload, header_names, header_values, event_type)
     VALUES (v_partition, p_topic, p_entity_key, p_kafka_key, p_kafka_partition,
@@ -178,6 +163,8 @@ CREATE FUNCTION @schema@.enqueue_batch(
 DECLARE
     n integer := coalesce(cardinality(p_topics), 0);
     i integer;
+    v_keys text[];
+    v_partitions integer[];
 BEGIN
     IF coalesce(cardinality(p_entity_keys), 0) <> n OR coalesce(cardinality(p_payloads), 0) <> n
        OR coalesce(cardinality(p_kafka_keys), 0) <> n OR coalesce(cardinality(p_kafka_partitions), 0) <> n
@@ -193,11 +180,12 @@ BEGIN
     IF EXISTS (SELECT 1
                  FROM unnest(p_topics, p_entity_keys, p_kafka_partitions, p_header_offsets, p_header_counts)
                       AS u(topic, entity_key, kafka_partition, h_off, h_cnt)
-                WHERE u.topic IS NULL OR u.topic !~ '^[A-Za-z0-9._-]{1,249}$' OR u.topic IN ('.', '..')
+                WHERE u.topic IS NULL OR u.topic !~ '^[A-Za-z0-9._-]+$' OR length(u.topic) > 249
+                   OR u.topic IN ('.', '..')
                    OR u.entity_key IS NULL OR u.entity_key = '' OR u.kafka_partition < 0
                    OR u.h_off IS NULL OR u.h_cnt IS NULL OR u.h_off < 0 OR u.h_cnt < 0
                    OR u.h_off + u.h_cnt > coalesce(cardinality(p_header_names), 0))
-       OR EXISTS (SELECT 1 FROM unnest(p_header_names) AS h(name) WHERE h.name IS NULL OR h.name = '') THEN
+       OR '' = ANY (p_header_names) OR array_position(p_header_names, NULL) IS NOT NULL THEN
         FOR i IN 1..n LOOP
             IF p_header_offsets[i] IS NULL OR p_header_counts[i] IS NULL OR p_header_offsets[i] < 0
                OR p_header_counts[i] < 0
@@ -220,17 +208,24 @@ BEGIN
      ORDER BY k.entity_key
     ON CONFLICT (entity_key) DO NOTHING;
 
-    -- Lock first, then take the ids (see enqueue).
-    PERFORM 1 FROM @schema@.entity_partition
-      WHERE entity_key = ANY (p_entity_keys)
-      ORDER BY entity_key
-      FOR NO KEY UPDATE;
+    -- Lock first, then take the ids (see enqueue). The locked rows also give each entity's
+    -- partition, so the insert needs no second lookup.
+    -- One index probe per distinct key, in key order (a plain `= ANY (...)` lets the planner
+    -- choose a sequential scan of the whole mapping table).
+    SELECT array_agg(k.entity_key ORDER BY k.entity_key), array_agg(e.partition ORDER BY k.entity_key)
+      INTO v_keys, v_partitions
+      FROM (SELECT DISTINCT u.entity_key FROM unnest(p_entity_keys) AS u(entity_key)
+             ORDER BY 1) k
+     CROSS JOIN LATERAL (SELECT m.partition
+                           FROM @schema@.entity_partition m
+                          WHERE m.entity_key = k.entity_key
+                            FOR NO KEY UPDATE) e;
 
     RETURN QUERY
     WITH inserted AS (
         INSERT INTO @schema@.message (partition, topic, entity_key, kafka_key, kafka_partition,
                                       payload, header_names, header_values, event_type)
-        SELECT e.partition, u.topic, u.entity_key, u.kafka_key, u.kafka_partition, u.payload,
+        SELECT m.partition, u.topic, u.entity_key, u.kafka_key, u.kafka_partition, u.payload,
                coalesce(p_header_names[u.h_off + 1 : u.h_off + u.h_cnt], '{}'),
                coalesce(p_header_values[u.h_off + 1 : u.h_off + u.h_cnt], '{}'),
                u.event_type
@@ -238,7 +233,7 @@ BEGIN
                       p_event_types, p_header_offsets, p_header_counts)
                WITH ORDINALITY AS u(topic, entity_key, payload, kafka_key, kafka_partition,
                                     event_type, h_off, h_cnt, ord)
-          JOIN @schema@.entity_partition e ON e.entity_key = u.entity_key
+          JOIN unnest(v_keys, v_partitions) AS m(entity_key, partition) ON m.entity_key = u.entity_key
          ORDER BY u.ord
         RETURNING id
     )

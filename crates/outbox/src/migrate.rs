@@ -13,14 +13,21 @@ struct Migration {
 }
 
 /// Every migration, in order. The files use `@schema@` where the schema name goes.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_outbox",
-    sql: include_str!("../../../migrations/0001_outbox.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_outbox",
+        sql: include_str!("../../../migrations/0001_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_failures",
+        sql: include_str!("../../../migrations/0002_failures.sql"),
+    },
+];
 
 /// The schema version this library expects.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Applies the pending migrations to the schema `outbox`. Idempotent.
 pub async fn migrate(client: &tokio_postgres::Client) -> Result<()> {

@@ -35,9 +35,66 @@ pub struct Config {
     /// How long, after SIGTERM/SIGINT, in-flight batches may take to finish, in ms.
     /// Default: 10000.
     pub shutdown_timeout_ms: u64,
+    /// Address for the HTTP endpoints `/metrics` (Prometheus) and `/health`, e.g.
+    /// `127.0.0.1:9464`; empty disables them. Default: empty.
+    pub http_listen: String,
+    /// What to do with a message Kafka refuses for good (too large, unknown topic, not
+    /// authorized), unless its topic says otherwise in `topics`. Default: `block`.
+    pub on_error: ErrorPolicy,
+    /// Per-topic settings, e.g. `[topics.orders] on_error = "dead_letter"`. Default: empty.
+    pub topics: BTreeMap<String, TopicConfig>,
     /// librdkafka producer properties passed through as given (e.g. `linger.ms`,
     /// `security.protocol`). Ones that would break ordering are refused. Default: empty.
     pub kafka: BTreeMap<String, String>,
+}
+
+/// Settings of one topic.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// The policy for messages of this topic that Kafka refuses for good.
+    pub on_error: ErrorPolicy,
+}
+
+/// What the relay does with a message that Kafka refused with a non-retriable error.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorPolicy {
+    /// Stop the partition (health and metrics show it blocked) and retry with the longest
+    /// backoff until an operator fixes the cause or moves the message aside
+    /// (`outboxd skip ID`). Keeps order: nothing behind the message overtakes it.
+    #[default]
+    Block,
+    /// Move the message with its error to the `dead_letter` table and go on. The entity's
+    /// later messages are published without it.
+    DeadLetter,
+    /// Move the message to `dead_letter` and hold back the entity's later messages until
+    /// `outboxd unpark ENTITY`; the partition's other entities go on.
+    ParkEntity,
+}
+
+impl std::fmt::Display for ErrorPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ErrorPolicy::Block => "block",
+            ErrorPolicy::DeadLetter => "dead_letter",
+            ErrorPolicy::ParkEntity => "park_entity",
+        })
+    }
+}
+
+impl std::str::FromStr for ErrorPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "block" => Ok(ErrorPolicy::Block),
+            "dead_letter" => Ok(ErrorPolicy::DeadLetter),
+            "park_entity" => Ok(ErrorPolicy::ParkEntity),
+            other => Err(format!(
+                "unknown policy {other:?}: use block, dead_letter or park_entity"
+            )),
+        }
+    }
 }
 
 impl Default for Config {
@@ -52,6 +109,9 @@ impl Default for Config {
             retry_initial_ms: 100,
             retry_max_ms: 10_000,
             shutdown_timeout_ms: 10_000,
+            http_listen: String::new(),
+            on_error: ErrorPolicy::Block,
+            topics: BTreeMap::new(),
             kafka: BTreeMap::new(),
         }
     }
@@ -144,6 +204,18 @@ impl Config {
                 self.retry_initial_ms, self.retry_max_ms
             ));
         }
+        if !self.http_listen.is_empty() && self.http_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(format!(
+                "http_listen must be host:port with an IP address, got {:?}",
+                self.http_listen
+            ));
+        }
+        for topic in self.topics.keys() {
+            if let Err(e) = outbox::validate_topic(topic) {
+                problems.push(format!("topics.{topic:?}: {e}"));
+            }
+        }
         for (key, why) in RESERVED_KAFKA_KEYS {
             if self.kafka.contains_key(*key) {
                 problems.push(format!("kafka.\"{key}\" cannot be set: {why}"));
@@ -154,6 +226,11 @@ impl Config {
         } else {
             Err(Error::Config(problems))
         }
+    }
+
+    /// The policy for non-retriable errors of messages to `topic`.
+    pub fn policy_for(&self, topic: &str) -> ErrorPolicy {
+        self.topics.get(topic).map_or(self.on_error, |t| t.on_error)
     }
 
     /// The validated schema name.

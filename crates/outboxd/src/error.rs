@@ -37,6 +37,15 @@ pub enum Error {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    /// A socket or file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the relay was doing.
+        context: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The outbox library refused (schema missing or outdated, ...).
     #[error(transparent)]
     Outbox(#[from] outbox::Error),

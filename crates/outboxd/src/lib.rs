@@ -21,6 +21,9 @@
 pub mod backoff;
 pub mod config;
 mod error;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod publisher;
 pub mod reader;
 pub mod relay;
@@ -28,5 +31,6 @@ pub mod sql;
 mod wakeup;
 mod worker;
 
-pub use config::Config;
+pub use config::{Config, ErrorPolicy, TopicConfig};
 pub use error::{Error, Result};
+pub use relay::Relay;

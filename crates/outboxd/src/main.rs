@@ -35,6 +35,31 @@ struct Cli {
     /// Most messages per batch and partition [default: 1000].
     #[arg(long, env = "OUTBOXD_BATCH_SIZE", global = true)]
     batch_size: Option<usize>,
+    /// Longest wait before an idle partition is read again, in ms [default: 100].
+    #[arg(long, env = "OUTBOXD_POLL_INTERVAL_MS", global = true)]
+    poll_interval_ms: Option<u64>,
+    /// How often the id sequence is checked to wake idle partitions, in ms [default: 5].
+    #[arg(long, env = "OUTBOXD_WAKEUP_INTERVAL_MS", global = true)]
+    wakeup_interval_ms: Option<u64>,
+    /// First retry delay, in ms; doubles with jitter [default: 100].
+    #[arg(long, env = "OUTBOXD_RETRY_INITIAL_MS", global = true)]
+    retry_initial_ms: Option<u64>,
+    /// Longest retry delay, in ms [default: 10000].
+    #[arg(long, env = "OUTBOXD_RETRY_MAX_MS", global = true)]
+    retry_max_ms: Option<u64>,
+    /// Time in-flight batches get after SIGTERM/SIGINT, in ms [default: 10000].
+    #[arg(long, env = "OUTBOXD_SHUTDOWN_TIMEOUT_MS", global = true)]
+    shutdown_timeout_ms: Option<u64>,
+    /// Address for /metrics and /health, e.g. 127.0.0.1:9464 [default: off].
+    #[arg(long, env = "OUTBOXD_HTTP_LISTEN", global = true)]
+    http_listen: Option<String>,
+    /// Policy for messages Kafka refuses for good: block, dead_letter, park_entity
+    /// [default: block]. Per topic: [topics.NAME] on_error in the file.
+    #[arg(long, env = "OUTBOXD_ON_ERROR", global = true)]
+    on_error: Option<outboxd::ErrorPolicy>,
+    /// A librdkafka producer property, KEY=VALUE; repeat for several.
+    #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
+    kafka: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,6 +74,19 @@ enum Command {
     CheckConfig,
     /// Print every SQL statement the relay sends.
     PrintSql,
+    /// Move one message to the dead_letter table (e.g. the one a `block` policy stopped at).
+    Skip {
+        /// The message id (the `outbox-id` header; logged when the partition blocked).
+        id: i64,
+        /// Why, recorded in dead_letter.error.
+        #[arg(long, default_value = "skipped by an operator")]
+        reason: String,
+    },
+    /// Release an entity held back by the `park_entity` policy; its messages flow again.
+    Unpark {
+        /// The entity key.
+        entity_key: String,
+    },
 }
 
 impl Cli {
@@ -69,6 +107,35 @@ impl Cli {
         }
         if let Some(v) = self.batch_size {
             config.batch_size = v;
+        }
+        if let Some(v) = self.poll_interval_ms {
+            config.poll_interval_ms = v;
+        }
+        if let Some(v) = self.wakeup_interval_ms {
+            config.wakeup_interval_ms = v;
+        }
+        if let Some(v) = self.retry_initial_ms {
+            config.retry_initial_ms = v;
+        }
+        if let Some(v) = self.retry_max_ms {
+            config.retry_max_ms = v;
+        }
+        if let Some(v) = self.shutdown_timeout_ms {
+            config.shutdown_timeout_ms = v;
+        }
+        if let Some(v) = &self.http_listen {
+            config.http_listen = v.clone();
+        }
+        if let Some(v) = self.on_error {
+            config.on_error = v;
+        }
+        for kv in &self.kafka {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                Error::Config(vec![format!("--kafka expects KEY=VALUE, got {kv:?}")])
+            })?;
+            config
+                .kafka
+                .insert(k.trim().to_owned(), v.trim().to_owned());
         }
         Ok(config)
     }
@@ -105,24 +172,48 @@ fn main() -> ExitCode {
 async fn execute(cli: Cli) -> Result<(), Error> {
     let mut config = cli.load_config()?;
     match cli.command {
-        Command::Run => outboxd::relay::run(config, shutdown_signal()).await,
+        Command::Run => run(config).await,
         Command::Migrate => {
-            // Only the database is needed here.
-            if config.brokers.is_empty() {
-                config.brokers = "unused".to_owned();
-            }
-            config.validate()?;
-            let (client, connection) =
-                tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
-                    .await
-                    .map_err(|source| Error::Postgres {
-                        context: "connecting",
-                        source,
-                    })?;
-            tokio::spawn(connection);
+            let client = connect_db(&mut config).await?;
             let schema = config.schema()?;
             outbox::migrate_schema(&client, &schema).await?;
             println!("schema {schema} is at version {}", outbox::SCHEMA_VERSION);
+            Ok(())
+        }
+        Command::Skip { id, reason } => {
+            let client = connect_db(&mut config).await?;
+            let sql = outboxd::sql::Statements::new(&config.schema()?);
+            let moved = client
+                .query(&sql.skip_message, &[&id, &reason])
+                .await
+                .map_err(|source| Error::Postgres {
+                    context: "moving the message aside",
+                    source,
+                })?;
+            if moved.is_empty() {
+                return Err(Error::Config(vec![format!(
+                    "no waiting message with id {id}"
+                )]));
+            }
+            println!("message {id} moved to dead_letter");
+            Ok(())
+        }
+        Command::Unpark { entity_key } => {
+            let client = connect_db(&mut config).await?;
+            let sql = outboxd::sql::Statements::new(&config.schema()?);
+            let released = client
+                .query(&sql.unpark_entity, &[&entity_key])
+                .await
+                .map_err(|source| Error::Postgres {
+                    context: "unparking",
+                    source,
+                })?;
+            if released.is_empty() {
+                return Err(Error::Config(vec![format!(
+                    "entity {entity_key:?} is not parked"
+                )]));
+            }
+            println!("entity {entity_key:?} released; relays reread its partition");
             Ok(())
         }
         Command::CheckConfig => {
@@ -140,6 +231,46 @@ async fn execute(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// Runs the relay, with the Prometheus recorder and the HTTP endpoint when `http_listen`
+/// is set.
+async fn run(config: Config) -> Result<(), Error> {
+    let listen = config.http_listen.clone();
+    let relay = outboxd::Relay::new(config)?;
+    let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
+    if !listen.is_empty() {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| {
+                Error::Config(vec![format!("cannot install the metrics recorder: {e}")])
+            })?;
+        let addr = listen
+            .parse()
+            .map_err(|_| Error::Config(vec![format!("http_listen {listen:?} is not host:port")]))?;
+        let render: outboxd::http::RenderMetrics = std::sync::Arc::new(move || handle.render());
+        let (bound, _task) = outboxd::http::serve(addr, relay.health(), render, stop_rx).await?;
+        tracing::info!(%bound, "serving /metrics and /health");
+    }
+    let result = relay.run(shutdown_signal()).await;
+    stop_http.send_replace(true);
+    result
+}
+
+/// Connects for the one-shot commands, which need only the database.
+async fn connect_db(config: &mut Config) -> Result<tokio_postgres::Client, Error> {
+    if config.brokers.is_empty() {
+        config.brokers = "unused".to_owned();
+    }
+    config.validate()?;
+    let (client, connection) = tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
+        .await
+        .map_err(|source| Error::Postgres {
+            context: "connecting",
+            source,
+        })?;
+    tokio::spawn(connection);
+    Ok(client)
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits the process at once.

@@ -2,6 +2,7 @@
 //! before any acknowledgement is awaited (awaiting them one by one is slow), then the acks
 //! are collected in order. The caller retires rows only for a fully acknowledged prefix.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -29,6 +30,10 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         // Idempotence keeps order under internal retries (acks=all, <= 5 in flight).
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // A failure that would leave a gap (a later message of a Kafka partition delivered
+        // while an earlier one failed) becomes a fatal error instead; the relay then
+        // recreates the producer and resends from the first unacknowledged message.
+        .set("enable.gapless.guarantee", "true")
         .set("compression.type", "lz4")
         // Same key -> same partition as the Java client's default partitioner.
         .set("partitioner", "murmur2_random")
@@ -41,9 +46,11 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     c
 }
 
-/// The relay's Kafka producer, shared by all partition workers.
+/// The relay's Kafka producer, shared by all partition workers. Replaced as a whole after a
+/// fatal error (an idempotent producer cannot continue after one).
 pub struct Publisher {
-    producer: FutureProducer,
+    config: ClientConfig,
+    producer: RwLock<Arc<FutureProducer>>,
 }
 
 /// How far a batch got: the number of leading messages acknowledged, and the first error.
@@ -58,17 +65,52 @@ pub struct PublishOutcome {
 impl Publisher {
     /// Creates the producer.
     pub fn new(config: &Config) -> Result<Self> {
-        let producer: FutureProducer = producer_config(config)
+        let config = producer_config(config);
+        let producer: FutureProducer = config
             .create()
             .map_err(Error::kafka("creating the producer"))?;
-        Ok(Publisher { producer })
+        Ok(Publisher {
+            config,
+            producer: RwLock::new(Arc::new(producer)),
+        })
+    }
+
+    fn current(&self) -> Arc<FutureProducer> {
+        match self.producer.read() {
+            Ok(p) => Arc::clone(&p),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Replaces the producer when the current one has raised a fatal error. Several
+    /// workers may notice the same fatal error; only the first replaces it.
+    pub fn recover_if_fatal(&self) -> Result<bool> {
+        let mut guard = match self.producer.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let Some((code, reason)) = guard.client().fatal_error() else {
+            return Ok(false);
+        };
+        tracing::warn!(
+            ?code,
+            reason,
+            "Kafka producer hit a fatal error; creating a new one"
+        );
+        let fresh: FutureProducer = self
+            .config
+            .create()
+            .map_err(Error::kafka("recreating the producer"))?;
+        *guard = Arc::new(fresh);
+        Ok(true)
     }
 
     /// Sends `rows` in order and waits for every acknowledgement.
-    pub async fn publish(&self, rows: &[OutboxRow]) -> PublishOutcome {
+    pub async fn publish(&self, rows: &[&OutboxRow]) -> PublishOutcome {
+        let producer = self.current();
         let mut deliveries = Vec::with_capacity(rows.len());
         for row in rows {
-            match self.enqueue(row).await {
+            match enqueue(&producer, row).await {
                 Ok(d) => deliveries.push(d),
                 Err(e) => {
                     // Later rows must not go out ahead of this one: stop enqueuing.
@@ -84,8 +126,41 @@ impl Publisher {
         PublishOutcome { acked, error }
     }
 
-    /// Enqueues one record, waiting while the producer's local queue is full.
-    async fn enqueue(&self, row: &OutboxRow) -> std::result::Result<DeliveryFuture, KafkaError> {
+    /// Waits until every enqueued message is delivered or failed; called before exit, since
+    /// dropping a producer purges what is still in flight.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        self.current()
+            .flush(timeout)
+            .map_err(Error::kafka("flushing the producer"))
+    }
+}
+
+/// True for errors that retrying the same message cannot fix: the per-topic policy
+/// decides what happens to it. Everything else is retried in place.
+pub fn is_permanent(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::MessageBatchTooLarge
+                | C::UnknownTopic
+                | C::UnknownPartition
+                | C::UnknownTopicOrPartition
+                | C::TopicAuthorizationFailed
+                | C::InvalidTopic
+                | C::InvalidRecord
+        )
+    )
+}
+
+/// Enqueues one record, waiting while the producer's local queue is full.
+async fn enqueue(
+    producer: &FutureProducer,
+    row: &OutboxRow,
+) -> std::result::Result<DeliveryFuture, KafkaError> {
+    {
         let id = row.id.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(row.header_names.len() + 3)
             .insert(Header {
@@ -121,7 +196,7 @@ impl Publisher {
             record = record.partition(p);
         }
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
@@ -130,14 +205,6 @@ impl Publisher {
                 Err((e, _)) => return Err(e),
             }
         }
-    }
-
-    /// Waits until every enqueued message is delivered or failed; called before exit, since
-    /// dropping a producer purges what is still in flight.
-    pub fn flush(&self, timeout: Duration) -> Result<()> {
-        self.producer
-            .flush(timeout)
-            .map_err(Error::kafka("flushing the producer"))
     }
 }
 

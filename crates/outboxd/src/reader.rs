@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::sql::Statements;
 
 /// One message row as read from the outbox table.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRow {
     /// The message id: increases in commit order within one entity.
     pub id: i64,
@@ -35,6 +35,8 @@ pub struct OutboxRow {
     pub header_values: Vec<Vec<u8>>,
     /// Event type, if any.
     pub event_type: Option<String>,
+    /// When the message was written, in seconds since the Unix epoch (for lag metrics).
+    pub created_at_epoch: f64,
 }
 
 /// An open window: its snapshot and how far the cursor has got.
@@ -53,6 +55,9 @@ pub struct PartitionReader {
     /// window simply starts at the partition's smallest id.
     previous: Option<String>,
     window: Option<Window>,
+    /// `settings.parked_epoch` when the current read started; a change means an entity was
+    /// unparked and its held-back messages (below the cursor) must be read again.
+    parked_epoch: Option<i64>,
 }
 
 impl PartitionReader {
@@ -63,6 +68,7 @@ impl PartitionReader {
             batch_size: i64::try_from(batch_size).unwrap_or(i64::MAX),
             previous: None,
             window: None,
+            parked_epoch: None,
         }
     }
 
@@ -142,7 +148,15 @@ impl PartitionReader {
         }
         .map_err(Error::pg("opening a read window"))?;
         let snapshot: String = row.get(0);
-        let min_id: Option<i64> = row.get(1);
+        let parked_epoch: i64 = row.get(1);
+        let min_id: Option<i64> = row.get(2);
+        if self.previous.is_some() && self.parked_epoch != Some(parked_epoch) {
+            // An entity was released: read the partition again from its smallest id.
+            self.parked_epoch = Some(parked_epoch);
+            self.previous = None;
+            return Box::pin(self.open_window(client, sql)).await;
+        }
+        self.parked_epoch = Some(parked_epoch);
         match min_id {
             Some(min_id) => Ok(Some(Window {
                 snapshot,
@@ -167,5 +181,6 @@ fn row_to_message(row: &tokio_postgres::Row) -> OutboxRow {
         header_names: row.get(6),
         header_values: row.get(7),
         event_type: row.get(8),
+        created_at_epoch: row.get(9),
     }
 }

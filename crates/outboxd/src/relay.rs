@@ -11,6 +11,7 @@ use tokio_postgres::NoTls;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::health::Health;
 use crate::publisher::Publisher;
 use crate::sql::Statements;
 use crate::wakeup::watch_sequence;
@@ -19,7 +20,42 @@ use crate::worker::{WorkerContext, run_worker};
 /// Runs the relay until `shutdown` completes, then shuts down gracefully. Returns an error
 /// when it cannot start (bad config, unreachable PostgreSQL, missing schema).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
-    config.validate()?;
+    Relay::new(config)?.run(shutdown).await
+}
+
+/// A relay, configured and validated but not yet running; [`Relay::health`] is available
+/// before and while it runs (the binary serves it on `/health`).
+pub struct Relay {
+    config: Config,
+    health: Arc<Health>,
+}
+
+impl Relay {
+    /// Validates `config`.
+    pub fn new(config: Config) -> Result<Relay> {
+        config.validate()?;
+        Ok(Relay {
+            config,
+            health: Arc::new(Health::default()),
+        })
+    }
+
+    /// The state of every partition this relay serves.
+    pub fn health(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
+    }
+
+    /// Runs until `shutdown` completes, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        run_relay(self.config, self.health, shutdown).await
+    }
+}
+
+async fn run_relay(
+    config: Config,
+    health: Arc<Health>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let schema = config.schema()?;
     let pg_config: tokio_postgres::Config = config
         .database_url
@@ -57,6 +93,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         sql,
         publisher,
         config,
+        health,
     });
     for partition in 0..partitions {
         tasks.spawn(run_worker(

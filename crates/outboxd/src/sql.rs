@@ -28,6 +28,18 @@ pub struct Statements {
     pub read_batch: String,
     /// Retires published messages. `$1`: partition, `$2`: ids.
     pub delete_batch: String,
+    /// Moves one message to `dead_letter`. `$1`: partition, `$2`: id, `$3`: policy,
+    /// `$4`: error. Returns the moved id (no row when it was already gone).
+    pub dead_letter: String,
+    /// Moves one message to `dead_letter` by id alone, for `outboxd skip`. `$1`: id,
+    /// `$2`: reason.
+    pub skip_message: String,
+    /// Moves one message to `dead_letter` and parks its entity, atomically. `$1`:
+    /// partition, `$2`: id, `$3`: error.
+    pub park_message: String,
+    /// Releases a parked entity and bumps `parked_epoch` so relays reread. `$1`: entity key.
+    /// Returns one row when the entity was parked.
+    pub unpark_entity: String,
     /// The message id sequence's last value, polled to wake idle partitions. No parameters.
     pub last_message_id: String,
 }
@@ -47,6 +59,7 @@ impl Statements {
             ),
             open_window: format!(
                 "SELECT pg_current_snapshot()::text,
+                        (SELECT parked_epoch FROM {s}.settings),
                         (SELECT min(w.id) FROM (
                              SELECT id FROM {s}.message
                               WHERE partition = $1::int4
@@ -59,19 +72,70 @@ impl Statements {
             ),
             open_first_window: format!(
                 "SELECT pg_current_snapshot()::text,
+                        (SELECT parked_epoch FROM {s}.settings),
                         (SELECT min(id) FROM {s}.message WHERE partition = $1::int4)"
             ),
             read_batch: format!(
-                "SELECT id, topic, entity_key, kafka_key, kafka_partition, payload,
-                        header_names, header_values, event_type
-                   FROM {s}.message
-                  WHERE partition = $1::int4 AND id > $2::int8
-                    AND pg_visible_in_snapshot(xid, $3::text::pg_snapshot)
-                  ORDER BY id
+                "SELECT m.id, m.topic, m.entity_key, m.kafka_key, m.kafka_partition, m.payload,
+                        m.header_names, m.header_values, m.event_type,
+                        extract(epoch FROM m.created_at)::float8
+                   FROM {s}.message m
+                  WHERE m.partition = $1::int4 AND m.id > $2::int8
+                    AND pg_visible_in_snapshot(m.xid, $3::text::pg_snapshot)
+                    AND NOT EXISTS (SELECT 1 FROM {s}.parked_entity p WHERE p.entity_key = m.entity_key)
+                  ORDER BY m.id
                   LIMIT $4::int8"
             ),
             delete_batch: format!(
                 "DELETE FROM {s}.message WHERE partition = $1::int4 AND id = ANY ($2::int8[])"
+            ),
+            dead_letter: format!(
+                "WITH moved AS (
+                     DELETE FROM {s}.message WHERE partition = $1::int4 AND id = $2::int8 RETURNING *
+                 )
+                 INSERT INTO {s}.dead_letter (id, partition, topic, entity_key, kafka_key,
+                        kafka_partition, payload, header_names, header_values, event_type,
+                        created_at, policy, error)
+                 SELECT id, partition, topic, entity_key, kafka_key, kafka_partition, payload,
+                        header_names, header_values, event_type, created_at, $3::text, $4::text
+                   FROM moved
+                 RETURNING id"
+            ),
+            skip_message: format!(
+                "WITH moved AS (
+                     DELETE FROM {s}.message WHERE id = $1::int8 RETURNING *
+                 )
+                 INSERT INTO {s}.dead_letter (id, partition, topic, entity_key, kafka_key,
+                        kafka_partition, payload, header_names, header_values, event_type,
+                        created_at, policy, error)
+                 SELECT id, partition, topic, entity_key, kafka_key, kafka_partition, payload,
+                        header_names, header_values, event_type, created_at, 'skip', $2::text
+                   FROM moved
+                 RETURNING id"
+            ),
+            park_message: format!(
+                "WITH moved AS (
+                     DELETE FROM {s}.message WHERE partition = $1::int4 AND id = $2::int8 RETURNING *
+                 ), dead AS (
+                     INSERT INTO {s}.dead_letter (id, partition, topic, entity_key, kafka_key,
+                            kafka_partition, payload, header_names, header_values, event_type,
+                            created_at, policy, error)
+                     SELECT id, partition, topic, entity_key, kafka_key, kafka_partition, payload,
+                            header_names, header_values, event_type, created_at, 'park_entity', $3::text
+                       FROM moved
+                     RETURNING id, entity_key
+                 )
+                 INSERT INTO {s}.parked_entity (entity_key, message_id, error)
+                 SELECT entity_key, id, $3::text FROM dead
+                 ON CONFLICT (entity_key) DO NOTHING"
+            ),
+            unpark_entity: format!(
+                "WITH released AS (
+                     DELETE FROM {s}.parked_entity WHERE entity_key = $1::text RETURNING 1
+                 )
+                 UPDATE {s}.settings SET parked_epoch = parked_epoch + 1
+                  WHERE EXISTS (SELECT 1 FROM released)
+                 RETURNING parked_epoch"
             ),
             last_message_id: format!("SELECT last_value FROM {s}.message_id_seq"),
         }
@@ -86,6 +150,10 @@ impl Statements {
             ("open_window", &self.open_window),
             ("read_batch", &self.read_batch),
             ("delete_batch", &self.delete_batch),
+            ("dead_letter", &self.dead_letter),
+            ("skip_message", &self.skip_message),
+            ("park_message", &self.park_message),
+            ("unpark_entity", &self.unpark_entity),
             ("last_message_id", &self.last_message_id),
         ]
     }

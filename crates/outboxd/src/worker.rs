@@ -1,18 +1,23 @@
 //! One virtual partition's worker: owns the partition through a session advisory lock on its
-//! own connection, then loops read batch -> publish (retrying the same batch in place) ->
-//! delete, strictly one batch at a time so that order holds. It reconnects with backoff when
-//! PostgreSQL goes away and rereads from the start of the partition, so nothing is lost
-//! (a batch whose delete did not happen is published again: at least once).
+//! own connection, then loops read batch -> publish (retrying in place) -> delete, strictly
+//! one batch at a time so that order holds. Messages Kafka refuses for good go through the
+//! topic's policy (block, dead_letter, park_entity). When PostgreSQL goes away the worker
+//! reconnects with backoff and rereads the partition from its start, so nothing is lost (a
+//! batch whose delete did not happen is published again: at least once).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rdkafka::error::KafkaError;
 use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
 use crate::backoff::Backoff;
+use crate::config::{Config, ErrorPolicy};
 use crate::error::{Error, Result};
-use crate::publisher::Publisher;
+use crate::health::{Health, PartitionState};
+use crate::metrics::PartitionMetrics;
+use crate::publisher::{Publisher, is_permanent};
 use crate::reader::{OutboxRow, PartitionReader};
 use crate::sql::Statements;
 
@@ -24,8 +29,10 @@ pub struct WorkerContext {
     pub sql: Statements,
     /// The Kafka producer.
     pub publisher: Publisher,
-    /// Batch size, intervals and retry settings.
-    pub config: crate::config::Config,
+    /// Batch size, intervals, retry settings and policies.
+    pub config: Config,
+    /// Where workers report their state.
+    pub health: Arc<Health>,
 }
 
 /// Why a worker's inner loop ended.
@@ -36,46 +43,79 @@ enum Exit {
     Reconnect(Error),
 }
 
+/// How delivering one batch ended.
+enum Delivery {
+    /// Every message was acknowledged or moved aside by its policy.
+    Done,
+    /// A message was refused for good under the `block` policy.
+    Blocked,
+    /// Shutdown interrupted the retries.
+    Stopped,
+}
+
+/// One partition worker's own state.
+struct Worker<'a> {
+    partition: i32,
+    ctx: &'a WorkerContext,
+    metrics: PartitionMetrics,
+    stop: watch::Receiver<bool>,
+}
+
 /// Runs the worker for `partition` until `stop` turns true.
 pub async fn run_worker(
     partition: i32,
     ctx: Arc<WorkerContext>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     mut wake: watch::Receiver<i64>,
 ) {
+    let mut w = Worker {
+        partition,
+        metrics: PartitionMetrics::new(&ctx.config.schema, partition),
+        ctx: &ctx,
+        stop,
+    };
     let mut reconnect = Backoff::new(ctx.config.retry_initial(), ctx.config.retry_max());
     let mut reader = PartitionReader::new(partition, ctx.config.batch_size);
+    w.set_state(PartitionState::Starting);
     loop {
-        if *stop.borrow() {
+        if w.stopping() {
             return;
         }
-        let client = match connect_and_lock(&ctx, partition).await {
+        let client = match w.connect_and_lock().await {
             Ok(Some(c)) => {
                 reconnect.reset();
                 c
             }
             Ok(None) => {
                 // Another relay instance holds this partition; check again later.
-                if sleep_or_stop(&mut stop, ctx.config.retry_max()).await {
+                w.set_state(PartitionState::OwnedElsewhere);
+                if w.sleep_or_stop(ctx.config.retry_max()).await {
                     return;
                 }
                 continue;
             }
             Err(e) => {
                 tracing::warn!(partition, error = %e, "cannot reach PostgreSQL; retrying");
-                if sleep_or_stop(&mut stop, reconnect.next_delay()).await {
+                w.set_state(PartitionState::Disconnected {
+                    error: e.to_string(),
+                });
+                if w.sleep_or_stop(reconnect.next_delay()).await {
                     return;
                 }
                 continue;
             }
         };
         tracing::debug!(partition, "partition acquired");
+        w.set_state(PartitionState::Relaying);
         reader.reset();
-        match work(&ctx, &client, &mut reader, &mut stop, &mut wake).await {
+        match w.work(&client, &mut reader, &mut wake).await {
             Exit::Stop => return,
             Exit::Reconnect(e) => {
                 tracing::warn!(partition, error = %e, "partition worker lost PostgreSQL; reconnecting");
-                if sleep_or_stop(&mut stop, reconnect.next_delay()).await {
+                w.set_state(PartitionState::Disconnected {
+                    error: e.to_string(),
+                });
+                if w.sleep_or_stop(reconnect.next_delay()).await {
                     return;
                 }
             }
@@ -83,104 +123,229 @@ pub async fn run_worker(
     }
 }
 
-async fn connect_and_lock(ctx: &WorkerContext, partition: i32) -> Result<Option<Client>> {
-    let (client, connection) = ctx
-        .pg_config
-        .connect(NoTls)
-        .await
-        .map_err(Error::pg("connecting"))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "worker connection ended");
-        }
-    });
-    let locked: bool = client
-        .query_one(&ctx.sql.try_lock_partition, &[&partition])
-        .await
-        .map_err(Error::pg("locking the partition"))?
-        .get(0);
-    Ok(locked.then_some(client))
-}
+impl Worker<'_> {
+    fn set_state(&self, state: PartitionState) {
+        self.metrics
+            .blocked
+            .set(if matches!(state, PartitionState::Blocked { .. }) {
+                1.0
+            } else {
+                0.0
+            });
+        self.ctx.health.set(self.partition, state);
+    }
 
-async fn work(
-    ctx: &WorkerContext,
-    client: &Client,
-    reader: &mut PartitionReader,
-    stop: &mut watch::Receiver<bool>,
-    wake: &mut watch::Receiver<i64>,
-) -> Exit {
-    let min_idle = Duration::from_millis(1);
-    let mut idle = min_idle;
-    loop {
-        if *stop.borrow() {
-            return Exit::Stop;
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Sleeps for `d`; returns true when shutdown was requested meanwhile.
+    async fn sleep_or_stop(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.stop.changed() => {}
         }
-        let batch = match reader.next_batch(client, &ctx.sql).await {
-            Ok(b) => b,
-            Err(e) => return Exit::Reconnect(e),
-        };
-        if batch.is_empty() {
-            // Nothing committed yet. A wake-up means a writer took an id; its commit may
-            // follow shortly, so poll quickly at first and back off to the poll interval.
-            tokio::select! {
-                // Err means the wake-up poller is gone: fall through to plain polling.
-                Ok(()) = wake.changed() => idle = min_idle,
-                _ = tokio::time::sleep(idle) => idle = (idle * 2).min(ctx.config.poll_interval()),
-                _ = stop.changed() => {}
-            }
-            continue;
-        }
-        idle = min_idle;
-        if !publish_in_place(ctx, &batch, reader.partition(), stop).await {
-            return Exit::Stop;
-        }
-        let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
-        if let Err(e) = client
-            .execute(&ctx.sql.delete_batch, &[&reader.partition(), &ids])
+        self.stopping()
+    }
+
+    async fn connect_and_lock(&self) -> Result<Option<Client>> {
+        let (client, connection) = self
+            .ctx
+            .pg_config
+            .connect(NoTls)
             .await
-        {
-            return Exit::Reconnect(Error::pg("retiring a published batch")(e));
-        }
+            .map_err(Error::pg("connecting"))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "worker connection ended");
+            }
+        });
+        let locked: bool = client
+            .query_one(&self.ctx.sql.try_lock_partition, &[&self.partition])
+            .await
+            .map_err(Error::pg("locking the partition"))?
+            .get(0);
+        Ok(locked.then_some(client))
     }
-}
 
-/// Publishes `batch`, retrying from the first unacknowledged message with backoff until all
-/// are acknowledged. Returns false when shutdown interrupted the retries (nothing is retired
-/// then; the batch is published again by whoever reads the partition next).
-async fn publish_in_place(
-    ctx: &WorkerContext,
-    batch: &[OutboxRow],
-    partition: i32,
-    stop: &mut watch::Receiver<bool>,
-) -> bool {
-    let mut backoff = Backoff::new(ctx.config.retry_initial(), ctx.config.retry_max());
-    let mut done = 0;
-    let mut attempts = 0u32;
-    loop {
-        let outcome = ctx.publisher.publish(&batch[done..]).await;
-        done += outcome.acked;
-        match outcome.error {
-            None => return true,
-            Some(e) => {
-                attempts += 1;
-                // Log the first failure and then every tenth, not every retry.
-                if attempts == 1 || attempts % 10 == 0 {
-                    tracing::warn!(partition, attempts, message_id = batch[done].id, error = %e,
-                        "publishing failed; retrying the batch in place");
+    async fn work(
+        &mut self,
+        client: &Client,
+        reader: &mut PartitionReader,
+        wake: &mut watch::Receiver<i64>,
+    ) -> Exit {
+        let min_idle = Duration::from_millis(1);
+        let mut idle = min_idle;
+        loop {
+            if self.stopping() {
+                return Exit::Stop;
+            }
+            let batch = match reader.next_batch(client, &self.ctx.sql).await {
+                Ok(b) => b,
+                Err(e) => return Exit::Reconnect(e),
+            };
+            let Some(first) = batch.first() else {
+                self.metrics.oldest_age.set(0.0);
+                // Nothing committed yet. A wake-up means a writer took an id; its commit may
+                // follow shortly, so poll quickly at first and back off to the poll interval.
+                tokio::select! {
+                    // Err means the wake-up poller is gone: fall through to plain polling.
+                    Ok(()) = wake.changed() => idle = min_idle,
+                    _ = tokio::time::sleep(idle) => idle = (idle * 2).min(self.ctx.config.poll_interval()),
+                    _ = self.stop.changed() => {}
                 }
-                if *stop.borrow() || sleep_or_stop(stop, backoff.next_delay()).await {
-                    return false;
+                continue;
+            };
+            idle = min_idle;
+            let started = Instant::now();
+            self.metrics
+                .oldest_age
+                .set((now_epoch() - first.created_at_epoch).max(0.0));
+            let (acked, outcome) = match self.deliver(client, &batch).await {
+                Ok(r) => r,
+                Err(e) => return Exit::Reconnect(e),
+            };
+            if !acked.is_empty() {
+                let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
+                if let Err(e) = client
+                    .execute(&self.ctx.sql.delete_batch, &[&self.partition, &ids])
+                    .await
+                {
+                    return Exit::Reconnect(Error::pg("retiring a published batch")(e));
+                }
+                let now = now_epoch();
+                for row in &acked {
+                    self.metrics
+                        .commit_to_ack
+                        .record((now - row.created_at_epoch).max(0.0));
+                }
+                self.metrics.published.increment(acked.len() as u64);
+            }
+            match outcome {
+                Delivery::Done => {
+                    self.metrics.batches.increment(1);
+                    self.metrics
+                        .batch_duration
+                        .record(started.elapsed().as_secs_f64());
+                    self.set_state(PartitionState::Relaying);
+                }
+                Delivery::Stopped => return Exit::Stop,
+                Delivery::Blocked => {
+                    // Reread from the database on the next try: an operator may have moved
+                    // the message aside (`outboxd skip`) or fixed its cause meanwhile.
+                    reader.reset();
+                    if self.sleep_or_stop(self.ctx.config.retry_max()).await {
+                        return Exit::Stop;
+                    }
                 }
             }
         }
     }
+
+    /// Publishes `batch`, retrying from the first unacknowledged message with backoff, and
+    /// applies the topic's policy to messages refused for good. Returns the acknowledged rows
+    /// (to be deleted by the caller) and how it ended.
+    async fn deliver<'b>(
+        &mut self,
+        client: &Client,
+        batch: &'b [OutboxRow],
+    ) -> Result<(Vec<&'b OutboxRow>, Delivery)> {
+        let mut pending: Vec<&OutboxRow> = batch.iter().collect();
+        let mut acked = Vec::with_capacity(batch.len());
+        let mut backoff =
+            Backoff::new(self.ctx.config.retry_initial(), self.ctx.config.retry_max());
+        let mut attempts = 0u32;
+        loop {
+            let outcome = self.ctx.publisher.publish(&pending).await;
+            acked.extend(pending.drain(..outcome.acked));
+            let (Some(error), Some(&row)) = (outcome.error, pending.first()) else {
+                return Ok((acked, Delivery::Done));
+            };
+            if self.ctx.publisher.recover_if_fatal()? {
+                continue;
+            }
+            if is_permanent(&error) {
+                self.metrics.permanent_errors.increment(1);
+                match self.ctx.config.policy_for(&row.topic) {
+                    ErrorPolicy::Block => {
+                        tracing::error!(partition = self.partition, message_id = row.id, topic = %row.topic, %error,
+                            "Kafka refused the message for good; partition blocked until an operator acts (policy block)");
+                        self.set_state(PartitionState::Blocked {
+                            message_id: row.id,
+                            error: error.to_string(),
+                        });
+                        return Ok((acked, Delivery::Blocked));
+                    }
+                    ErrorPolicy::DeadLetter => {
+                        self.move_aside(
+                            client,
+                            &self.ctx.sql.dead_letter,
+                            row,
+                            &error,
+                            Some("dead_letter"),
+                        )
+                        .await?;
+                        self.metrics.dead_lettered.increment(1);
+                        pending.remove(0);
+                    }
+                    ErrorPolicy::ParkEntity => {
+                        self.move_aside(client, &self.ctx.sql.park_message, row, &error, None)
+                            .await?;
+                        self.metrics.parked.increment(1);
+                        // The entity's later messages stay in the table, held back.
+                        pending.retain(|r| r.entity_key != row.entity_key);
+                    }
+                }
+                continue;
+            }
+            self.metrics.retriable_errors.increment(1);
+            attempts += 1;
+            // Log the first failure and then every tenth, not every retry.
+            if attempts == 1 || attempts % 10 == 0 {
+                tracing::warn!(partition = self.partition, attempts, message_id = row.id, %error,
+                    "publishing failed; retrying the batch in place");
+            }
+            self.set_state(PartitionState::Retrying {
+                message_id: row.id,
+                error: error.to_string(),
+            });
+            if self.sleep_or_stop(backoff.next_delay()).await {
+                return Ok((acked, Delivery::Stopped));
+            }
+        }
+    }
+
+    /// Moves `row` to the dead-letter table (and parks its entity, for `park_message`).
+    async fn move_aside(
+        &self,
+        client: &Client,
+        sql: &str,
+        row: &OutboxRow,
+        error: &KafkaError,
+        policy: Option<&str>,
+    ) -> Result<()> {
+        let error = error.to_string();
+        let result = match policy {
+            Some(policy) => {
+                client
+                    .execute(sql, &[&self.partition, &row.id, &policy, &error])
+                    .await
+            }
+            None => {
+                client
+                    .execute(sql, &[&self.partition, &row.id, &error])
+                    .await
+            }
+        };
+        result.map_err(Error::pg("moving a refused message to dead_letter"))?;
+        tracing::warn!(partition = self.partition, message_id = row.id, entity_key = %row.entity_key,
+            topic = %row.topic, %error, policy = policy.unwrap_or("park_entity"), "message moved to dead_letter");
+        Ok(())
+    }
 }
 
-/// Sleeps for `d`; returns true when shutdown was requested meanwhile.
-async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => {}
-        _ = stop.changed() => {}
-    }
-    *stop.borrow()
+fn now_epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -152,12 +152,22 @@ fn to_consumed(m: &BorrowedMessage<'_>) -> Consumed {
 /// Reads `topic` from the beginning until `expected` messages arrived or `timeout` passed;
 /// returns what arrived, in per-partition offset order (partitions interleaved as read).
 pub fn consume(topic: &str, expected: usize, timeout: Duration) -> Vec<Consumed> {
+    consume_from(&brokers(), topic, expected, timeout)
+}
+
+/// [`consume`] from the cluster at `brokers` (e.g. an in-process mock cluster).
+pub fn consume_from(
+    brokers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique_name("test_group"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "10")
         .create()
         .unwrap_or_else(|e| panic!("creating a Kafka consumer: {e}"));
     consumer
@@ -173,4 +183,37 @@ pub fn consume(topic: &str, expected: usize, timeout: Duration) -> Vec<Consumed>
         }
     }
     out
+}
+
+/// Checks what a consumer that de-duplicates by `outbox-id` would see: for every entity
+/// (Kafka key), dropping each message whose id is not above the last one kept leaves
+/// exactly `expected[entity]`, in order. Returns how many duplicates were dropped.
+pub fn assert_dedup_order(
+    consumed: &[Consumed],
+    expected: &std::collections::HashMap<String, Vec<i64>>,
+) -> usize {
+    let mut kept: std::collections::HashMap<String, Vec<i64>> = std::collections::HashMap::new();
+    let mut dropped = 0;
+    for m in consumed {
+        let key = String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned();
+        let id: i64 = m
+            .header("outbox-id")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("message without outbox-id: {m:?}"));
+        let list = kept.entry(key).or_default();
+        if list.last().is_some_and(|last| id <= *last) {
+            dropped += 1;
+        } else {
+            list.push(id);
+        }
+    }
+    for (entity, ids) in expected {
+        assert_eq!(
+            kept.get(entity),
+            Some(ids),
+            "entity {entity}: kept ids differ from the committed ones"
+        );
+    }
+    assert_eq!(kept.len(), expected.len(), "unexpected entities arrived");
+    dropped
 }

@@ -4,4 +4,5 @@
 mod config;
 mod end_to_end;
 mod late_commit;
+mod policies;
 mod support;

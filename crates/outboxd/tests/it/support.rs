@@ -65,15 +65,23 @@ impl Setup {
 pub struct RunningRelay {
     stop: oneshot::Sender<()>,
     task: JoinHandle<outboxd::Result<()>>,
+    pub health: std::sync::Arc<outboxd::health::Health>,
 }
 
 impl RunningRelay {
     pub fn start(config: outboxd::Config) -> RunningRelay {
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(outboxd::relay::run(config, async {
+        let relay = outboxd::Relay::new(config).expect("valid config");
+        let health = relay.health();
+        let task = tokio::spawn(relay.run(async {
             let _ = stopped.await;
         }));
-        RunningRelay { stop, task }
+        RunningRelay { stop, task, health }
+    }
+
+    /// The state of `partition`, if the relay has reported one.
+    pub fn state(&self, partition: i32) -> Option<outboxd::health::PartitionState> {
+        self.health.snapshot().get(&partition).cloned()
     }
 
     /// Stops it gracefully and checks that it ended without error.
@@ -93,4 +101,42 @@ pub fn outbox_id(m: &outbox_testkit::Consumed) -> i64 {
         .expect("every message carries outbox-id")
         .parse()
         .expect("outbox-id is a number")
+}
+
+/// Saves one message per `(entity, body)` in its own transaction; returns the ids per
+/// entity in commit order.
+pub async fn write_messages(
+    outbox: &Outbox,
+    topic: &str,
+    messages: &[(String, Vec<u8>)],
+) -> std::collections::HashMap<String, Vec<i64>> {
+    let mut client = outbox_testkit::connect().await;
+    let mut ids: std::collections::HashMap<String, Vec<i64>> = std::collections::HashMap::new();
+    for (entity, body) in messages {
+        let tx = client.transaction().await.expect("begin");
+        let msg = outbox::Message::builder(topic, entity.as_str())
+            .payload(body.clone())
+            .build()
+            .expect("valid");
+        let id = outbox.save_in_tx(&tx, &msg).await.expect("save");
+        tx.commit().await.expect("commit");
+        ids.entry(entity.clone()).or_default().push(id);
+    }
+    ids
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
