@@ -15,7 +15,7 @@ pub struct Statements {
     /// Opens a read window: the current transaction snapshot, and the smallest id that is
     /// committed in it but was not yet committed in the previous window's snapshot. Only
     /// rows written by transactions in the previous snapshot's in-progress list, or started
-    /// after it, can qualify, and the `(partition, xid)` index finds exactly those: the scan
+    /// after it, can qualify, and the `(xid)` index finds exactly those: the scan
     /// never walks the dead rows of messages already published.
     /// `$1`: partition, `$2`: previous snapshot (text).
     pub open_window: String,

@@ -2,7 +2,10 @@
 //! `scripts/services up`. Each test has its own schema and its own topic.
 
 mod config;
+mod dead_rows;
 mod end_to_end;
 mod late_commit;
+mod outages;
 mod policies;
+mod process;
 mod support;

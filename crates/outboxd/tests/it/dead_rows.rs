@@ -1,0 +1,152 @@
+//! Hazard 2: dead rows at the head of the queue. While a long transaction holds back vacuum,
+//! every published (deleted) message stays in the indexes. The relay's read must not walk
+//! them: its cost, in buffers touched (`EXPLAIN (ANALYZE, BUFFERS)`), must not grow with the
+//! number of retired rows. The naive head query is measured alongside to show the hazard is
+//! really there.
+
+use outbox::Schema;
+use serde_json::Value;
+
+use crate::support::Setup;
+
+/// Buffers (shared hit + read) the statement touched while executing.
+async fn buffers(client: &tokio_postgres::Client, sql: &str, args: &str) -> i64 {
+    let name = format!("q{}", rand_suffix());
+    let text = format!(
+        "PREPARE {name} AS {sql}; EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}({args}); DEALLOCATE {name};"
+    );
+    let messages = client
+        .simple_query(&text)
+        .await
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+    let json = messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("explain output");
+    let plan: Value = serde_json::from_str(&json).expect("json");
+    let top = &plan[0]["Plan"];
+    top["Shared Hit Blocks"].as_i64().unwrap_or(0) + top["Shared Read Blocks"].as_i64().unwrap_or(0)
+}
+
+fn rand_suffix() -> u32 {
+    rand::random()
+}
+
+struct Costs {
+    open_window: i64,
+    read_batch: i64,
+    naive_head: i64,
+}
+
+/// Retires `retired` messages while an old snapshot is held, then measures one relay read.
+async fn costs_after(retired: i64) -> Costs {
+    let setup = Setup::new(1).await;
+    let s: &Schema = &setup.schema;
+    let mut holder = outbox_testkit::connect().await;
+    let held = holder
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .expect("begin");
+    held.query_one("SELECT pg_current_xact_id()", &[])
+        .await
+        .expect("hold back vacuum");
+
+    let insert = |n: i64| {
+        format!(
+            "INSERT INTO {s}.message (partition, topic, entity_key, payload)
+             SELECT 0, 't', 'e' || (i % 100), convert_to(repeat('x', 300), 'UTF8') FROM generate_series(1, {n}) i"
+        )
+    };
+    setup
+        .client
+        .batch_execute(&insert(retired))
+        .await
+        .expect("fill");
+    let previous: String = setup
+        .client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .expect("snap")
+        .get(0);
+    setup
+        .client
+        .batch_execute(&format!("DELETE FROM {s}.message"))
+        .await
+        .expect("retire");
+    setup
+        .client
+        .batch_execute(&insert(10))
+        .await
+        .expect("new messages");
+    setup
+        .client
+        .batch_execute(&format!("ANALYZE {s}.message"))
+        .await
+        .expect("analyze");
+
+    let sql = outboxd::sql::Statements::new(s);
+    let open_window = buffers(&setup.client, &sql.open_window, &format!("0, '{previous}'")).await;
+    let (current, min_id): (String, i64) = {
+        let r = setup
+            .client
+            .query_one(
+                &format!("SELECT pg_current_snapshot()::text, min(id) FROM {s}.message"),
+                &[],
+            )
+            .await
+            .expect("snapshot");
+        (r.get(0), r.get(1))
+    };
+    let read_batch = buffers(
+        &setup.client,
+        &sql.read_batch,
+        &format!("0, {}, '{current}', 1000", min_id - 1),
+    )
+    .await;
+    let naive_head = buffers(
+        &setup.client,
+        &format!("SELECT id FROM {s}.message WHERE partition = $1 ORDER BY id LIMIT 1000"),
+        "0",
+    )
+    .await;
+    held.rollback().await.expect("release");
+    setup.cleanup().await;
+    Costs {
+        open_window,
+        read_batch,
+        naive_head,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_cost_does_not_grow_with_retired_rows_behind_a_long_transaction() {
+    let none = costs_after(0).await;
+    let many = costs_after(100_000).await;
+    println!(
+        "buffers touched with 0 / 100000 retired rows: open_window {} / {}, read_batch {} / {}, naive head scan {} / {}",
+        none.open_window,
+        many.open_window,
+        none.read_batch,
+        many.read_batch,
+        none.naive_head,
+        many.naive_head
+    );
+    assert!(
+        many.naive_head > none.naive_head + 300,
+        "the hazard is real: the naive read walks the dead rows"
+    );
+    // An index may gain a level between 10 and 100,010 entries; nothing else may grow.
+    assert!(
+        many.open_window <= none.open_window + 10,
+        "open_window walks dead rows"
+    );
+    assert!(
+        many.read_batch <= none.read_batch + 10,
+        "read_batch walks dead rows"
+    );
+}

@@ -1,0 +1,168 @@
+//! The `outboxd` binary as operators run it: SIGTERM drains and exits 0, a second signal
+//! exits at once, and kill -9 loses nothing (duplicates are allowed, loss never).
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{Setup, wait_until, write_messages};
+
+fn spawn_relay(setup: &Setup, brokers: &str, extra: &[&str]) -> Child {
+    let log = std::env::temp_dir().join(format!("outboxd-{}.log", setup.schema.name()));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["run", "--batch-size", "50"])
+        .args(extra)
+        .env("OUTBOXD_DATABASE_URL", outbox_testkit::database_url())
+        .env("OUTBOXD_BROKERS", brokers)
+        .env("OUTBOXD_SCHEMA", setup.schema.name())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn outboxd")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {sig} failed");
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn messages(n: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| (format!("e{}", i % 20), format!("m{i}").into_bytes()))
+        .collect()
+}
+
+async fn remaining_ids(setup: &Setup) -> HashSet<i64> {
+    setup
+        .client
+        .query(&format!("SELECT id FROM {}.message", setup.schema), &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_batches_and_exits_zero() {
+    let setup = Setup::new(4).await;
+    let topic = outbox_testkit::create_topic("sigterm", 3).await;
+    let written = write_messages(&setup.outbox, &topic, &messages(2000)).await;
+    let all_ids: HashSet<i64> = written.values().flatten().copied().collect();
+    let mut child = spawn_relay(&setup, &outbox_testkit::brokers(), &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "relay started publishing",
+        || async { (setup.remaining().await as usize) < 2000 },
+    )
+    .await;
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(20)).expect("exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "graceful exit");
+    // Every retired message was acknowledged by Kafka: it must be in the topic.
+    let retired: HashSet<i64> = all_ids
+        .difference(&remaining_ids(&setup).await)
+        .copied()
+        .collect();
+    assert!(!retired.is_empty());
+    let consumed = outbox_testkit::consume(&topic, retired.len(), Duration::from_secs(30));
+    let consumed_ids: HashSet<i64> = consumed.iter().map(crate::support::outbox_id).collect();
+    assert!(
+        retired.is_subset(&consumed_ids),
+        "a retired message is missing from Kafka"
+    );
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let setup = Setup::new(1).await;
+    write_messages(&setup.outbox, "nowhere", &messages(5)).await;
+    // No broker: the batch cannot be delivered, so a graceful shutdown would wait the whole
+    // (long) shutdown timeout for the producer flush.
+    let mut child = spawn_relay(&setup, "127.0.0.1:1", &["--shutdown-timeout-ms", "60000"]);
+    std::thread::sleep(Duration::from_secs(2));
+    signal(&child, "-TERM");
+    assert!(
+        wait_exit(&mut child, Duration::from_secs(1)).is_none(),
+        "still draining after the first signal"
+    );
+    signal(&child, "-TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(3))
+        .expect("exits at once after the second signal");
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(setup.remaining().await, 5, "nothing retired without an ack");
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_nothing() {
+    let setup = Setup::new(4).await;
+    let topic = outbox_testkit::create_topic("kill9", 3).await;
+    let writer = {
+        let (outbox, topic) = (setup.outbox.clone(), topic.clone());
+        tokio::spawn(async move { write_messages(&outbox, &topic, &messages(3000)).await })
+    };
+    let mut child = spawn_relay(&setup, &outbox_testkit::brokers(), &[]);
+    wait_until(Duration::from_secs(30), "some messages published", || {
+        let topic = topic.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                outbox_testkit::consume(&topic, 300, Duration::from_secs(1)).len() >= 300
+            })
+            .await
+            .expect("consume")
+        }
+    })
+    .await;
+    signal(&child, "-KILL");
+    wait_exit(&mut child, Duration::from_secs(5)).expect("killed");
+    let expected = writer.await.expect("writer");
+    assert!(setup.remaining().await > 0, "the kill left work behind");
+
+    let mut child = spawn_relay(&setup, &outbox_testkit::brokers(), &[]);
+    wait_until(
+        Duration::from_secs(60),
+        "all retired after restart",
+        || async { setup.remaining().await == 0 },
+    )
+    .await;
+    signal(&child, "-TERM");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(20)).and_then(|s| s.code()),
+        Some(0)
+    );
+    let all = tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || outbox_testkit::consume(&topic, 100_000, Duration::from_secs(5))
+    })
+    .await
+    .expect("consume");
+    let dropped = outbox_testkit::assert_dedup_order(&all, &expected);
+    assert_eq!(
+        all.len() - dropped,
+        3000,
+        "every message at least once, order kept after de-duplication"
+    );
+    setup.cleanup().await;
+}
