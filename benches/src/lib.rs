@@ -79,3 +79,210 @@ impl BenchDb {
         start.elapsed()
     }
 }
+
+/// Measuring the relay: messages counted in Kafka, latencies, paced writers.
+pub mod relay {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use outbox::{Message, Outbox};
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message as _};
+
+    /// Sum of the high watermarks of `topic`'s partitions: messages written to it so far.
+    pub fn topic_size(consumer: &BaseConsumer, topic: &str, partitions: i32) -> i64 {
+        (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(5))
+                    .map(|(_, high)| high)
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// A plain consumer for watermarks and latency probes.
+    pub fn consumer(brokers: &str) -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", outbox_testkit::unique_name("bench"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "1")
+            .set("fetch.min.bytes", "1")
+            .create()
+            .expect("consumer")
+    }
+
+    /// Starts a relay in this process; returns a stop handle and its task.
+    pub fn start_relay(
+        config: outboxd::Config,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<outboxd::Result<()>>,
+    ) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(outboxd::relay::run(config, async {
+            let _ = stopped.await;
+        }));
+        (stop, task)
+    }
+
+    /// Fills the outbox with `total` messages of `payload` bytes over `entities` entity keys,
+    /// `batch` per transaction, from `clients` concurrent connections. Returns the elapsed time.
+    pub async fn fill(
+        db: &crate::BenchDb,
+        topic: &str,
+        total: u64,
+        batch: usize,
+        entities: u32,
+        payload: usize,
+    ) -> Duration {
+        let topic = topic.to_owned();
+        db.run(total / batch as u64, move |client, outbox| {
+            let topic = topic.clone();
+            async move {
+                let msgs: Vec<Message> = (0..batch)
+                    .map(|_| {
+                        let e = rand::random_range(0..entities);
+                        Message::builder(topic.as_str(), format!("entity-{e}"))
+                            .payload(vec![b'x'; payload])
+                            .build()
+                            .expect("valid")
+                    })
+                    .collect();
+                let mut client = client.lock().await;
+                let tx = client.transaction().await.expect("begin");
+                outbox.save_all_in_tx(&tx, &msgs).await.expect("save");
+                tx.commit().await.expect("commit");
+            }
+        })
+        .await
+    }
+
+    /// Commit instants by message id, filled by paced writers.
+    pub type CommitTimes = Arc<Mutex<HashMap<i64, Instant>>>;
+
+    /// Writes `rate` messages per second for `duration`, `per_tx` messages per transaction,
+    /// spread over `writers` connections; records when each message's commit returned.
+    pub async fn paced_writers(
+        outbox: &Outbox,
+        topic: &str,
+        rate: u64,
+        per_tx: usize,
+        writers: usize,
+        duration: Duration,
+        times: CommitTimes,
+    ) -> u64 {
+        let tx_per_writer = rate as f64 / per_tx as f64 / writers as f64;
+        let period = Duration::from_secs_f64(1.0 / tx_per_writer);
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let (outbox, topic, times) = (outbox.clone(), topic.to_owned(), times.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut client = outbox_testkit::connect().await;
+                let mut ticker = tokio::time::interval(period);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let end = Instant::now() + duration;
+                let mut written = 0u64;
+                let mut seq = 0u64;
+                while Instant::now() < end {
+                    ticker.tick().await;
+                    let msgs: Vec<Message> = (0..per_tx)
+                        .map(|_| {
+                            seq += 1;
+                            Message::builder(topic.as_str(), format!("w{w}-entity-{}", seq % 500))
+                                .payload(vec![b'x'; 300])
+                                .build()
+                                .expect("valid")
+                        })
+                        .collect();
+                    let tx = client.transaction().await.expect("begin");
+                    let ids = outbox.save_all_in_tx(&tx, &msgs).await.expect("save");
+                    tx.commit().await.expect("commit");
+                    let now = Instant::now();
+                    let mut t = times.lock().expect("times");
+                    for id in ids {
+                        t.insert(id, now);
+                    }
+                    written += per_tx as u64;
+                }
+                written
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("writer");
+        }
+        total
+    }
+
+    /// Consumes `topic` until `stop` is set and returns (outbox id, receive instant) pairs.
+    pub fn receive_times(
+        brokers: String,
+        topic: String,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<Vec<(i64, Instant)>> {
+        std::thread::spawn(move || {
+            let c = consumer(&brokers);
+            c.subscribe(&[&topic]).expect("subscribe");
+            let mut out = Vec::new();
+            let mut idle_since: Option<Instant> = None;
+            loop {
+                match c.poll(Duration::from_millis(50)) {
+                    Some(Ok(m)) => {
+                        let now = Instant::now();
+                        idle_since = None;
+                        if let Some(id) = m
+                            .headers()
+                            .and_then(|h| {
+                                h.iter()
+                                    .find(|h| h.key == "outbox-id")
+                                    .and_then(|h| h.value)
+                            })
+                            .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                        {
+                            out.push((id, now));
+                        }
+                    }
+                    _ => {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            let since = *idle_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() > Duration::from_secs(2) {
+                                return out;
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Percentiles (ms) of receive - commit over the messages seen by both sides.
+    pub fn latency_percentiles(
+        times: &CommitTimes,
+        received: &[(i64, Instant)],
+    ) -> (usize, [f64; 5]) {
+        let commits = times.lock().expect("times");
+        let mut lat: Vec<f64> = received
+            .iter()
+            .filter_map(|(id, at)| {
+                commits
+                    .get(id)
+                    .map(|c| at.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let pick = |q: f64| {
+            lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        (
+            lat.len(),
+            [pick(0.5), pick(0.9), pick(0.99), pick(0.999), pick(1.0)],
+        )
+    }
+}

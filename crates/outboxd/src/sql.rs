@@ -3,6 +3,15 @@
 
 use outbox::Schema;
 
+/// Settings of every relay worker session. Each relay statement has one good plan (an
+/// index scan in id or xid order); the planner's estimates cannot be trusted for a queue
+/// table (a fresh backlog has no statistics, and dead rows are invisible to them), and a
+/// wrong guess (a bitmap scan plus sort over the whole partition) turns each batch read
+/// into a scan of the partition. So these sessions forbid the plan types they must never
+/// use, and JIT, whose compile time is a latency spike for a 2 ms query.
+pub const SESSION_SETUP: &str =
+    "SET enable_seqscan = off; SET enable_bitmapscan = off; SET jit = off;";
+
 /// The relay's statements for one schema.
 #[derive(Debug, Clone)]
 pub struct Statements {
@@ -144,6 +153,7 @@ impl Statements {
     /// Every statement with its name, for `outboxd print-sql`.
     pub fn all(&self) -> Vec<(&'static str, &str)> {
         vec![
+            ("session_setup", SESSION_SETUP),
             ("partitions_to_serve", &self.partitions_to_serve),
             ("try_lock_partition", &self.try_lock_partition),
             ("open_first_window", &self.open_first_window),

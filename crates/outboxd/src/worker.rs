@@ -160,6 +160,14 @@ impl Worker<'_> {
                 tracing::debug!(error = %e, "worker connection ended");
             }
         });
+        client
+            .batch_execute(&format!(
+                "{} SET application_name = 'outboxd partition {}';",
+                crate::sql::SESSION_SETUP,
+                self.partition
+            ))
+            .await
+            .map_err(Error::pg("setting up the session"))?;
         let locked: bool = client
             .query_one(&self.ctx.sql.try_lock_partition, &[&self.partition])
             .await

@@ -1,0 +1,298 @@
+//! Relay speed against the real PostgreSQL and Kafka (release build, in-process relay):
+//!
+//! - `throughput`: drain a backlog of 1,000,000 messages (300 B, 10,000 entities, 32 virtual
+//!   partitions) to the local broker. Target >= 30,000 messages/s.
+//! - `latency`: a steady 2,000 messages/s; commit-to-consume latency (an upper bound of
+//!   commit-to-ack). Target p50 <= 10 ms, p99 <= 50 ms.
+//! - `long_tx`: the backlog drain again while an idle transaction holds back vacuum and a
+//!   writer's transaction stays open; then 5 minutes of a steady stream with both still
+//!   open, and the late transaction committed at the end.
+//!
+//! Run: `scripts/services up && cargo bench -p outbox-benches --bench relay -- throughput`
+//! (or `latency`, `long_tx`, `all`). Figures go to docs/benchmarks.md.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use outbox::Message;
+use outbox_benches::BenchDb;
+use outbox_benches::relay::{
+    CommitTimes, consumer, fill, latency_percentiles, paced_writers, receive_times, start_relay,
+    topic_size,
+};
+
+const BACKLOG: u64 = 1_000_000;
+const KAFKA_PARTITIONS: i32 = 12;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!(
+            "relay benchmarks run under `cargo bench -p outbox-benches --bench relay -- MODE`"
+        );
+        return;
+    }
+    let mode = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map_or("all", String::as_str)
+        .to_owned();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        match mode.as_str() {
+            "throughput" => drop(throughput(false).await),
+            "latency" => latency(2000, Duration::from_secs(60)).await,
+            "long_tx" => long_tx().await,
+            "kafka_ceiling" => kafka_ceiling().await,
+            "all" => {
+                throughput(false).await;
+                latency(2000, Duration::from_secs(60)).await;
+                long_tx().await;
+            }
+            other => eprintln!(
+                "unknown mode {other}: throughput, latency, long_tx, kafka_ceiling or all"
+            ),
+        }
+    });
+}
+
+fn relay_config(db: &BenchDb) -> outboxd::Config {
+    outboxd::Config {
+        database_url: outbox_testkit::database_url(),
+        brokers: outbox_testkit::brokers(),
+        schema: db.schema.name().to_owned(),
+        ..outboxd::Config::default()
+    }
+}
+
+async fn set_partitions(db: &BenchDb, n: i32) {
+    db.execute(&format!(
+        "UPDATE {}.settings SET partition_count = {n}",
+        db.schema
+    ))
+    .await;
+}
+
+/// Waits until `topic` holds `target` messages; returns the elapsed time since `start`.
+async fn wait_for_topic(topic: &str, target: i64, start: Instant) -> Duration {
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let c = consumer(&outbox_testkit::brokers());
+        let mut last_report = Instant::now();
+        loop {
+            let n = topic_size(&c, &topic, KAFKA_PARTITIONS);
+            if n >= target {
+                return start.elapsed();
+            }
+            if last_report.elapsed() > Duration::from_secs(10) {
+                println!(
+                    "  ... {n} of {target} in Kafka after {:.1} s",
+                    start.elapsed().as_secs_f64()
+                );
+                last_report = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .expect("watermark poller")
+}
+
+/// Fills a 1M backlog, then drains it; returns messages/s of the drain.
+async fn throughput(hold_transactions: bool) -> f64 {
+    let db = BenchDb::new("bench_relay", 4).await;
+    set_partitions(&db, 32).await;
+    let topic = outbox_testkit::create_topic("bench-drain", KAFKA_PARTITIONS).await;
+    let label = if hold_transactions {
+        "long_tx drain"
+    } else {
+        "throughput"
+    };
+
+    // Optional long transactions: one idle (holds back vacuum), one that wrote a message.
+    let mut idle = outbox_testkit::connect().await;
+    let mut late = outbox_testkit::connect().await;
+    let held = if hold_transactions {
+        let t1 = idle.transaction().await.expect("begin");
+        t1.query_one("SELECT pg_current_xact_id()", &[])
+            .await
+            .expect("xid");
+        let t2 = late.transaction().await.expect("begin");
+        let late_id = db
+            .outbox
+            .save_in_tx(
+                &t2,
+                &Message::builder(topic.as_str(), "late-entity")
+                    .payload(b"late".to_vec())
+                    .build()
+                    .expect("valid"),
+            )
+            .await
+            .expect("late save");
+        Some((t1, t2, late_id))
+    } else {
+        None
+    };
+
+    let filled = fill(&db, &topic, BACKLOG, 1000, 10_000, 300).await;
+    println!(
+        "[{label}] filled {BACKLOG} messages in {:.1} s ({:.0} msg/s, save_all_in_tx 1000 x 300 B, 4 connections)",
+        filled.as_secs_f64(),
+        BACKLOG as f64 / filled.as_secs_f64()
+    );
+    let start = Instant::now();
+    let (stop, task) = start_relay(relay_config(&db));
+    let drained = wait_for_topic(&topic, BACKLOG as i64, start).await;
+    let rate = BACKLOG as f64 / drained.as_secs_f64();
+    println!(
+        "[{label}] drained {BACKLOG} messages in {:.1} s: {rate:.0} msg/s",
+        drained.as_secs_f64()
+    );
+
+    if let Some((t1, t2, late_id)) = held {
+        let commit_at = Instant::now();
+        t2.commit().await.expect("late commit");
+        let _ = wait_for_topic(&topic, BACKLOG as i64 + 1, commit_at).await;
+        println!(
+            "[{label}] late transaction (message id {late_id}) delivered {:.1} ms after its commit",
+            commit_at.elapsed().as_secs_f64() * 1000.0
+        );
+        t1.rollback().await.expect("release");
+    }
+    let _ = stop.send(());
+    task.await.expect("relay task").expect("relay");
+    db.drop().await;
+    rate
+}
+
+/// A steady stream at `rate` messages/s for `duration`; prints latency percentiles.
+async fn latency(rate: u64, duration: Duration) {
+    let db = BenchDb::new("bench_latency", 1).await;
+    let topic = outbox_testkit::create_topic("bench-latency", KAFKA_PARTITIONS).await;
+    let (stop, task) = start_relay(relay_config(&db));
+    stream_and_report("latency", &db, &topic, rate, duration).await;
+    let _ = stop.send(());
+    task.await.expect("relay task").expect("relay");
+    db.drop().await;
+}
+
+async fn stream_and_report(label: &str, db: &BenchDb, topic: &str, rate: u64, duration: Duration) {
+    let times: CommitTimes = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let receiver = receive_times(outbox_testkit::brokers(), topic.to_owned(), done.clone());
+    // Let the consumer join its group before the stream starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let written = paced_writers(&db.outbox, topic, rate, 2, 4, duration, times.clone()).await;
+    done.store(true, Ordering::SeqCst);
+    let received = tokio::task::spawn_blocking(move || receiver.join().expect("receiver"))
+        .await
+        .expect("join");
+    let (n, [p50, p90, p99, p999, max]) = latency_percentiles(&times, &received);
+    println!(
+        "[{label}] {written} messages at {rate}/s for {} s; {n} matched; commit-to-consume ms: p50 {p50:.1}, p90 {p90:.1}, p99 {p99:.1}, p99.9 {p999:.1}, max {max:.1}",
+        duration.as_secs()
+    );
+}
+
+async fn long_tx() {
+    let base = throughput(false).await;
+    let held = throughput(true).await;
+    println!(
+        "[long_tx] drain with long transactions open: {:.0}% of the drain without",
+        held / base * 100.0
+    );
+
+    // Five minutes of steady traffic with an idle transaction and a writer's transaction open.
+    let db = BenchDb::new("bench_long_stream", 1).await;
+    let topic = outbox_testkit::create_topic("bench-long", KAFKA_PARTITIONS).await;
+    let mut idle = outbox_testkit::connect().await;
+    let t1 = idle.transaction().await.expect("begin");
+    t1.query_one("SELECT pg_current_xact_id()", &[])
+        .await
+        .expect("xid");
+    let mut late = outbox_testkit::connect().await;
+    let t2 = late.transaction().await.expect("begin");
+    db.outbox
+        .save_in_tx(
+            &t2,
+            &Message::builder(topic.as_str(), "late-entity")
+                .payload(b"late".to_vec())
+                .build()
+                .expect("valid"),
+        )
+        .await
+        .expect("late save");
+    let (stop, task) = start_relay(relay_config(&db));
+    stream_and_report(
+        "long_tx stream, 5 min with transactions open",
+        &db,
+        &topic,
+        2000,
+        Duration::from_secs(300),
+    )
+    .await;
+    let before = topic_size(
+        &consumer(&outbox_testkit::brokers()),
+        &topic,
+        KAFKA_PARTITIONS,
+    );
+    let commit_at = Instant::now();
+    t2.commit().await.expect("late commit");
+    let after = wait_for_topic(&topic, before + 1, commit_at).await;
+    println!(
+        "[long_tx] late transaction delivered {:.1} ms after its commit (5 min old)",
+        after.as_secs_f64() * 1000.0
+    );
+    t1.rollback().await.expect("release");
+    let _ = stop.send(());
+    task.await.expect("relay task").expect("relay");
+    db.drop().await;
+}
+
+/// The broker's and producer's own ceiling on this machine: 1,000,000 records of 300 B,
+/// produced with the relay's producer settings, in batches of 1,000, without PostgreSQL.
+async fn kafka_ceiling() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = outbox_testkit::create_topic("bench-ceiling", KAFKA_PARTITIONS).await;
+    let config = outboxd::Config {
+        brokers: outbox_testkit::brokers(),
+        ..outboxd::Config::default()
+    };
+    let producer: FutureProducer = outboxd::publisher::producer_config(&config)
+        .create()
+        .expect("producer");
+    let payload = vec![b'x'; 300];
+    let start = Instant::now();
+    for batch in 0..(BACKLOG / 1000) {
+        let mut acks = Vec::with_capacity(1000);
+        for i in 0..1000u64 {
+            let key = format!("entity-{}", (batch * 1000 + i) % 10_000);
+            let mut record = FutureRecord::to(&topic)
+                .key(key.as_bytes())
+                .payload(payload.as_slice());
+            loop {
+                match producer.send_result(record) {
+                    Ok(ack) => break acks.push(ack),
+                    Err((_, back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        for ack in acks {
+            ack.await.expect("delivery").expect("ack");
+        }
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "[kafka_ceiling] {BACKLOG} records in {:.1} s: {:.0} msg/s (one producer, batches of 1000 awaited in turn)",
+        elapsed.as_secs_f64(),
+        BACKLOG as f64 / elapsed.as_secs_f64()
+    );
+}
