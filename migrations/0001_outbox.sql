@@ -44,9 +44,10 @@ CREATE TABLE @schema@.message (
     CHECK (cardinality(header_names) = cardinality(header_values)),
     CHECK (kafka_partition IS NULL OR kafka_partition >= 0)
 );
--- The relay finds a window's new rows by transaction id. The index deliberately leaves the
--- partition out: with it, the planner may pick this index for a plain `partition = $1`
--- scan and walk every dead entry of the partition (its estimates cannot see dead entries).
+-- The relay finds newly committed rows by transaction id: one query over this index per
+-- wake-up tick serves all partitions. The partition is deliberately not in it: with it,
+-- the planner may pick this index for a plain `partition = $1` read and walk every dead
+-- entry of the partition (its estimates cannot see dead entries).
 CREATE INDEX message_xid ON @schema@.message (xid);
 
 -- Checks one message's fields and raises invalid_parameter_value naming the bad one, so

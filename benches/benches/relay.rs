@@ -43,10 +43,20 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let args2 = args.clone();
     rt.block_on(async move {
+        let args = args2;
         match mode.as_str() {
             "throughput" => drop(throughput(false).await),
-            "latency" => latency(2000, Duration::from_secs(60)).await,
+            "latency" => {
+                // Optional second argument: the rate in messages/s (default 2000).
+                let rate = args
+                    .iter()
+                    .filter(|a| !a.starts_with("--"))
+                    .nth(1)
+                    .and_then(|r| r.parse().ok());
+                latency(rate.unwrap_or(2000), Duration::from_secs(60)).await
+            }
             "long_tx" => long_tx().await,
             "kafka_ceiling" => kafka_ceiling().await,
             "all" => {
@@ -61,12 +71,18 @@ fn main() {
     });
 }
 
+/// The relay's defaults, except `BENCH_WAKEUP_MS` (wakeup_interval_ms) when set.
 fn relay_config(db: &BenchDb) -> outboxd::Config {
+    let defaults = outboxd::Config::default();
     outboxd::Config {
         database_url: outbox_testkit::database_url(),
         brokers: outbox_testkit::brokers(),
         schema: db.schema.name().to_owned(),
-        ..outboxd::Config::default()
+        wakeup_interval_ms: std::env::var("BENCH_WAKEUP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(defaults.wakeup_interval_ms),
+        ..defaults
     }
 }
 
@@ -76,6 +92,16 @@ async fn set_partitions(db: &BenchDb, n: i32) {
         db.schema
     ))
     .await;
+}
+
+/// Applies `BENCH_PARTITIONS` (virtual partition count) when set; the default is 16.
+async fn bench_partitions(db: &BenchDb) {
+    if let Some(n) = std::env::var("BENCH_PARTITIONS")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        set_partitions(db, n).await;
+    }
 }
 
 /// Waits until `topic` holds `target` messages; returns the elapsed time since `start`.
@@ -173,6 +199,7 @@ async fn throughput(hold_transactions: bool) -> f64 {
 /// A steady stream at `rate` messages/s for `duration`; prints latency percentiles.
 async fn latency(rate: u64, duration: Duration) {
     let db = BenchDb::new("bench_latency", 1).await;
+    bench_partitions(&db).await;
     let topic = outbox_testkit::create_topic("bench-latency", KAFKA_PARTITIONS).await;
     let (stop, task) = start_relay(relay_config(&db));
     stream_and_report("latency", &db, &topic, rate, duration).await;
@@ -187,15 +214,21 @@ async fn stream_and_report(label: &str, db: &BenchDb, topic: &str, rate: u64, du
     let receiver = receive_times(outbox_testkit::brokers(), topic.to_owned(), done.clone());
     // Let the consumer join its group before the stream starts.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let written = paced_writers(&db.outbox, topic, rate, 2, 4, duration, times.clone()).await;
+    // Messages per transaction (BENCH_PER_TX, default 2): the write side's cost per message.
+    let per_tx = std::env::var("BENCH_PER_TX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let written = paced_writers(&db.outbox, topic, rate, per_tx, 4, duration, times.clone()).await;
     done.store(true, Ordering::SeqCst);
     let received = tokio::task::spawn_blocking(move || receiver.join().expect("receiver"))
         .await
         .expect("join");
     let (n, [p50, p90, p99, p999, max]) = latency_percentiles(&times, &received);
     println!(
-        "[{label}] {written} messages at {rate}/s for {} s; {n} matched; commit-to-consume ms: p50 {p50:.1}, p90 {p90:.1}, p99 {p99:.1}, p99.9 {p999:.1}, max {max:.1}",
-        duration.as_secs()
+        "[{label}] {written} messages offered at {rate}/s ({per_tx} per transaction, 4 writers) for {} s = {:.0}/s achieved; {n} matched; commit-to-consume ms: p50 {p50:.1}, p90 {p90:.1}, p99 {p99:.1}, p99.9 {p999:.1}, max {max:.1}",
+        duration.as_secs(),
+        written as f64 / duration.as_secs_f64()
     );
 }
 
@@ -209,6 +242,7 @@ async fn long_tx() {
 
     // Five minutes of steady traffic with an idle transaction and a writer's transaction open.
     let db = BenchDb::new("bench_long_stream", 1).await;
+    bench_partitions(&db).await;
     let topic = outbox_testkit::create_topic("bench-long", KAFKA_PARTITIONS).await;
     let mut idle = outbox_testkit::connect().await;
     let t1 = idle.transaction().await.expect("begin");

@@ -22,10 +22,11 @@ pub struct Config {
     pub schema: String,
     /// Most messages read and published as one batch per partition. Default: 1000.
     pub batch_size: usize,
-    /// Longest wait before an idle partition is read again, in ms. Default: 100.
+    /// Longest wait before an idle partition is read again even without a wake-up, in ms
+    /// (the safety net should the wake-up poller fail). Default: 250.
     pub poll_interval_ms: u64,
-    /// How often the message id sequence is checked to wake idle partitions, in ms.
-    /// Default: 5.
+    /// How often one query asks which partitions have newly committed messages and wakes
+    /// their workers, in ms. Default: 5.
     pub wakeup_interval_ms: u64,
     /// First delay before retrying a failed batch or reconnecting, in ms; it doubles, with
     /// jitter, up to `retry_max_ms`. Default: 100.
@@ -104,7 +105,7 @@ impl Default for Config {
             brokers: String::new(),
             schema: "outbox".to_owned(),
             batch_size: 1000,
-            poll_interval_ms: 100,
+            poll_interval_ms: 250,
             wakeup_interval_ms: 5,
             retry_initial_ms: 100,
             retry_max_ms: 10_000,

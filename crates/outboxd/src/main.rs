@@ -35,7 +35,7 @@ struct Cli {
     /// Most messages per batch and partition [default: 1000].
     #[arg(long, env = "OUTBOXD_BATCH_SIZE", global = true)]
     batch_size: Option<usize>,
-    /// Longest wait before an idle partition is read again, in ms [default: 100].
+    /// Longest wait before an idle partition is read again without a wake-up, in ms [default: 250].
     #[arg(long, env = "OUTBOXD_POLL_INTERVAL_MS", global = true)]
     poll_interval_ms: Option<u64>,
     /// How often the id sequence is checked to wake idle partitions, in ms [default: 5].

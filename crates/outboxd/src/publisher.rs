@@ -37,7 +37,9 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         .set("compression.type", "lz4")
         // Same key -> same partition as the Java client's default partitioner.
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
+        .set("linger.ms", "1")
+        // Small produce requests must not wait for Nagle's algorithm (tens of ms).
+        .set("socket.nagle.disable", "true")
         .set("message.timeout.ms", "30000")
         .set("queue.buffering.max.messages", "1000000");
     for (k, v) in &config.kafka {

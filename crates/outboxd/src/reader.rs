@@ -2,14 +2,19 @@
 //!
 //! Reads are cut into *windows*, each bounded by a transaction snapshot (as PgQ does). A
 //! window holds the partition's messages committed in its snapshot and not yet published;
-//! the reader walks them in id order with a cursor, in batches. Because published rows are
-//! deleted before the next read, and the next window starts from the smallest id committed
-//! since the previous snapshot, a transaction that took a small id and commits late is read
-//! in the next window instead of being skipped, and no read walks the dead rows left behind
-//! by earlier windows. Per-entity order follows from the writers' entity lock: within one
-//! entity, ids are taken in commit order (see `docs/guarantees.md`).
+//! the reader walks them in id order with a cursor, in batches, and the caller deletes each
+//! batch once Kafka acknowledged it. A window starts at the smallest id committed since the
+//! previous window's snapshot, so a transaction that took a small id and commits late is
+//! read in the next window instead of being skipped, and no read walks the dead rows left
+//! behind by earlier windows. Per-entity order follows from the writers' entity lock: within
+//! one entity, ids are taken in commit order (see `docs/guarantees.md`).
+//!
+//! Windows normally come from the wake-up poller, which finds the new windows of every
+//! partition with one query per tick (see `wakeup`); windows that pile up while a batch is
+//! in flight merge into one. After a (re)start the first window is the whole partition, and
+//! should the poller stall the reader opens its own window from its last snapshot.
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use crate::error::{Error, Result};
 use crate::sql::Statements;
@@ -39,11 +44,22 @@ pub struct OutboxRow {
     pub created_at_epoch: f64,
 }
 
-/// An open window: its snapshot and how far the cursor has got.
-#[derive(Debug, Clone)]
-struct Window {
-    snapshot: String,
-    cursor: i64,
+/// A read window: rows committed in `snapshot` with an id above `cursor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// The window's snapshot, as `pg_snapshot` text.
+    pub snapshot: String,
+    /// Ids up to this one are already read.
+    pub cursor: i64,
+}
+
+impl Window {
+    /// Merges a later window into this one: the union of two consecutive windows is the
+    /// later snapshot read from the smaller start.
+    pub fn merge(&mut self, later: Window) {
+        self.snapshot = later.snapshot;
+        self.cursor = self.cursor.min(later.cursor);
+    }
 }
 
 /// The read state of one partition, owned by that partition's worker.
@@ -52,12 +68,14 @@ pub struct PartitionReader {
     partition: i32,
     batch_size: i64,
     /// The snapshot of the last fully read window; `None` after a (re)start, when the first
-    /// window simply starts at the partition's smallest id.
+    /// window is the whole partition.
     previous: Option<String>,
+    /// The window being read.
     window: Option<Window>,
-    /// `settings.parked_epoch` when the current read started; a change means an entity was
-    /// unparked and its held-back messages (below the cursor) must be read again.
-    parked_epoch: Option<i64>,
+    /// Windows handed over by the poller and not yet started, merged into one.
+    pending: Option<Window>,
+    /// Set when the poller is stale: open a window from `previous` ourselves.
+    open_own: bool,
 }
 
 impl PartitionReader {
@@ -68,7 +86,8 @@ impl PartitionReader {
             batch_size: i64::try_from(batch_size).unwrap_or(i64::MAX),
             previous: None,
             window: None,
-            parked_epoch: None,
+            pending: None,
+            open_own: false,
         }
     }
 
@@ -77,33 +96,53 @@ impl PartitionReader {
         self.partition
     }
 
-    /// Forgets the window state, e.g. after a reconnect, when it is unknown whether the last
-    /// batch was retired. The next read starts again from the smallest id.
+    /// Forgets the read state, e.g. after a reconnect (when it is unknown whether the last
+    /// batch was retired) or after an entity was unparked: the next read is the whole
+    /// partition again.
     pub fn reset(&mut self) {
         self.previous = None;
         self.window = None;
+        self.pending = None;
     }
 
-    /// The next batch in order, or an empty vector when nothing new is committed. The
-    /// caller must retire (delete) a returned batch before calling this again.
+    /// Hands over a window found by the poller.
+    pub fn offer(&mut self, window: Window) {
+        match &mut self.pending {
+            Some(p) => p.merge(window),
+            None => self.pending = Some(window),
+        }
+    }
+
+    /// Asks the next read to open a window itself (the poller is not answering).
+    pub fn open_own_window(&mut self) {
+        self.open_own = true;
+    }
+
+    /// True when a read has something to do without waiting for the poller.
+    pub fn has_work(&self) -> bool {
+        self.window.is_some() || self.pending.is_some() || self.previous.is_none() || self.open_own
+    }
+
+    /// The next batch in order, or an empty vector when there is nothing to read until the
+    /// poller hands over a window. `read_batch` is `sql.read_batch` prepared on `client`. The caller must retire (delete) a returned batch before
+    /// calling this again.
     pub async fn next_batch(
         &mut self,
         client: &Client,
         sql: &Statements,
+        read_batch: &Statement,
     ) -> Result<Vec<OutboxRow>> {
-        // Two rounds at most: a continued window can turn out empty (its last batch was
-        // exactly `batch_size` rows), and then the next window is opened at once.
-        for _ in 0..2 {
+        loop {
             let window = match self.window.take() {
                 Some(w) => w,
-                None => match self.open_window(client, sql).await? {
+                None => match self.start_window(client, sql).await? {
                     Some(w) => w,
                     None => return Ok(Vec::new()),
                 },
             };
             let rows = client
                 .query(
-                    &sql.read_batch,
+                    read_batch,
                     &[
                         &self.partition,
                         &window.cursor,
@@ -128,43 +167,42 @@ impl PartitionReader {
                 return Ok(batch);
             }
         }
-        Ok(Vec::new())
     }
 
-    /// Takes a new snapshot and places the cursor before the smallest id committed since
-    /// the previous one. Returns `None`, recording the snapshot as read, when there is none.
-    async fn open_window(&mut self, client: &Client, sql: &Statements) -> Result<Option<Window>> {
-        let row = match &self.previous {
-            Some(prev) => {
-                client
-                    .query_one(&sql.open_window, &[&self.partition, prev])
-                    .await
+    /// The next window to read: the whole partition after a (re)start, else a window handed
+    /// over by the poller, else (when asked to) one opened from the previous snapshot.
+    async fn start_window(&mut self, client: &Client, sql: &Statements) -> Result<Option<Window>> {
+        if let Some(prev) = self.previous.clone() {
+            if let Some(w) = self.pending.take() {
+                return Ok(Some(w));
             }
-            None => {
-                client
-                    .query_one(&sql.open_first_window, &[&self.partition])
-                    .await
+            if !std::mem::take(&mut self.open_own) {
+                return Ok(None);
             }
+            let row = client
+                .query_one(&sql.open_window, &[&self.partition, &prev])
+                .await
+                .map_err(Error::pg("opening a read window"))?;
+            return Ok(self.window_from(row.get(0), row.get(1)));
         }
-        .map_err(Error::pg("opening a read window"))?;
-        let snapshot: String = row.get(0);
-        let parked_epoch: i64 = row.get(1);
-        let min_id: Option<i64> = row.get(2);
-        if self.previous.is_some() && self.parked_epoch != Some(parked_epoch) {
-            // An entity was released: read the partition again from its smallest id.
-            self.parked_epoch = Some(parked_epoch);
-            self.previous = None;
-            return Box::pin(self.open_window(client, sql)).await;
-        }
-        self.parked_epoch = Some(parked_epoch);
+        // First window: everything committed now. Windows the poller handed over meanwhile
+        // are older or overlap; they stay pending and read nothing twice (rows are deleted).
+        let row = client
+            .query_one(&sql.open_first_window, &[&self.partition])
+            .await
+            .map_err(Error::pg("opening the first read window"))?;
+        Ok(self.window_from(row.get(0), row.get(1)))
+    }
+
+    fn window_from(&mut self, snapshot: String, min_id: Option<i64>) -> Option<Window> {
         match min_id {
-            Some(min_id) => Ok(Some(Window {
+            Some(min_id) => Some(Window {
                 snapshot,
                 cursor: min_id - 1,
-            })),
+            }),
             None => {
                 self.previous = Some(snapshot);
-                Ok(None)
+                None
             }
         }
     }

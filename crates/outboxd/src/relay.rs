@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::publisher::Publisher;
 use crate::sql::Statements;
-use crate::wakeup::watch_sequence;
+use crate::wakeup::{Mailbox, Poller, PollerPulse, initial_state};
 use crate::worker::{WorkerContext, run_worker};
 
 /// Runs the relay until `shutdown` completes, then shuts down gracefully. Returns an error
@@ -71,6 +71,10 @@ async fn run_relay(
         }
     });
     outbox::check_schema(&control, &schema).await?;
+    control
+        .batch_execute(crate::sql::SESSION_SETUP)
+        .await
+        .map_err(Error::pg("setting up the control session"))?;
     let sql = Statements::new(&schema);
     let partitions: i32 = control
         .query_one(&sql.partitions_to_serve, &[])
@@ -81,13 +85,26 @@ async fn run_relay(
     let shutdown_timeout = config.shutdown_timeout();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let wake_tx = Arc::new(watch::channel(0i64).0);
+    let mailboxes: Vec<Arc<Mailbox>> = (0..partitions).map(|_| Arc::default()).collect();
+    let pulse = Arc::new(PollerPulse::default());
+    // Taken before any worker starts, so every later commit reaches a worker in a window.
+    let start = initial_state(&control, &sql)
+        .await
+        .map_err(Error::pg("reading the initial snapshot"))?;
     let mut tasks = JoinSet::new();
-    {
-        let wake_tx = Arc::clone(&wake_tx);
-        let (sql, interval, stop) = (sql.clone(), config.wakeup_interval(), stop_rx.clone());
-        tasks.spawn(async move { watch_sequence(control, sql, interval, &wake_tx, stop).await });
-    }
+    tasks.spawn(
+        Poller {
+            pg_config: pg_config.clone(),
+            client: control,
+            sql: sql.clone(),
+            interval: config.wakeup_interval(),
+            retry: (config.retry_initial(), config.retry_max()),
+            mailboxes: mailboxes.clone(),
+            pulse: Arc::clone(&pulse),
+            start,
+        }
+        .run(stop_rx.clone()),
+    );
     let ctx = Arc::new(WorkerContext {
         pg_config,
         sql,
@@ -95,12 +112,13 @@ async fn run_relay(
         config,
         health,
     });
-    for partition in 0..partitions {
+    for (partition, mailbox) in (0..partitions).zip(mailboxes) {
         tasks.spawn(run_worker(
             partition,
             Arc::clone(&ctx),
             stop_rx.clone(),
-            wake_tx.subscribe(),
+            mailbox,
+            Arc::clone(&pulse),
         ));
     }
     tracing::info!(partitions, schema = %schema, "relay started");

@@ -24,8 +24,11 @@ pub struct Statements {
     /// Opens a read window: the current transaction snapshot, and the smallest id that is
     /// committed in it but was not yet committed in the previous window's snapshot. Only
     /// rows written by transactions in the previous snapshot's in-progress list, or started
-    /// after it, can qualify, and the `(xid)` index finds exactly those: the scan
-    /// never walks the dead rows of messages already published.
+    /// after it, can qualify, and the `(xid)` index finds exactly those: the scan never
+    /// walks the dead rows of messages already published. (`partition + 0` keeps the
+    /// planner off the primary key, which would walk the whole partition.) The wake-up
+    /// poller's `poll_windows` does this for all partitions at once; workers use this one
+    /// only when the poller stalls.
     /// `$1`: partition, `$2`: previous snapshot (text).
     pub open_window: String,
     /// Opens the first window after (re)start, when no previous snapshot is known.
@@ -49,8 +52,12 @@ pub struct Statements {
     /// Releases a parked entity and bumps `parked_epoch` so relays reread. `$1`: entity key.
     /// Returns one row when the entity was parked.
     pub unpark_entity: String,
-    /// The message id sequence's last value, polled to wake idle partitions. No parameters.
-    pub last_message_id: String,
+    /// The wake-up poller's one query for all partitions: the current snapshot, the parked
+    /// epoch, and for each partition with messages committed since the previous snapshot
+    /// `$1` (text) the smallest such id: a read window handed to that partition's worker.
+    pub poll_windows: String,
+    /// The current snapshot and parked epoch, to start the wake-up poller. No parameters.
+    pub current_snapshot: String,
 }
 
 impl Statements {
@@ -68,20 +75,18 @@ impl Statements {
             ),
             open_window: format!(
                 "SELECT pg_current_snapshot()::text,
-                        (SELECT parked_epoch FROM {s}.settings),
                         (SELECT min(w.id) FROM (
                              SELECT id FROM {s}.message
-                              WHERE partition = $1::int4
+                              WHERE partition + 0 = $1::int4
                                 AND xid = ANY (ARRAY(SELECT pg_snapshot_xip($2::text::pg_snapshot)))
                              UNION ALL
                              SELECT id FROM {s}.message
-                              WHERE partition = $1::int4
+                              WHERE partition + 0 = $1::int4
                                 AND xid >= pg_snapshot_xmax($2::text::pg_snapshot)
                         ) w)"
             ),
             open_first_window: format!(
                 "SELECT pg_current_snapshot()::text,
-                        (SELECT parked_epoch FROM {s}.settings),
                         (SELECT min(id) FROM {s}.message WHERE partition = $1::int4)"
             ),
             read_batch: format!(
@@ -146,7 +151,24 @@ impl Statements {
                   WHERE EXISTS (SELECT 1 FROM released)
                  RETURNING parked_epoch"
             ),
-            last_message_id: format!("SELECT last_value FROM {s}.message_id_seq"),
+            poll_windows: format!(
+                "WITH fresh AS (
+                     SELECT partition, id FROM {s}.message
+                      WHERE xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
+                     UNION ALL
+                     SELECT partition, id FROM {s}.message
+                      WHERE xid >= pg_snapshot_xmax($1::text::pg_snapshot)
+                 ), per_partition AS (
+                     SELECT partition, min(id) AS min_id FROM fresh GROUP BY partition
+                 )
+                 SELECT pg_current_snapshot()::text,
+                        (SELECT parked_epoch FROM {s}.settings),
+                        (SELECT array_agg(partition ORDER BY partition) FROM per_partition),
+                        (SELECT array_agg(min_id ORDER BY partition) FROM per_partition)"
+            ),
+            current_snapshot: format!(
+                "SELECT pg_current_snapshot()::text, (SELECT parked_epoch FROM {s}.settings)"
+            ),
         }
     }
 
@@ -164,7 +186,8 @@ impl Statements {
             ("skip_message", &self.skip_message),
             ("park_message", &self.park_message),
             ("unpark_entity", &self.unpark_entity),
-            ("last_message_id", &self.last_message_id),
+            ("poll_windows", &self.poll_windows),
+            ("current_snapshot", &self.current_snapshot),
         ]
     }
 }

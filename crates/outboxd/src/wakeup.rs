@@ -1,54 +1,221 @@
-//! Waking idle partition workers without a NOTIFY per write (which serializes commits).
-//! One task polls the message id sequence's last value, a read of a single cached page, and
-//! bumps a watch channel when it moved; workers wait on that channel or their poll interval.
+//! Finding new work for the partition workers without a NOTIFY per write (which takes a
+//! global lock at commit and serializes commits). One task asks PostgreSQL every
+//! `wakeup_interval_ms` which partitions hold messages committed since its previous
+//! snapshot, with one query over the xid index for all partitions, and hands each such
+//! partition its read window through a [`Mailbox`]. Workers of quiet partitions do nothing.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-use tokio_postgres::Client;
+use tokio::sync::{Notify, watch};
+use tokio_postgres::{Client, NoTls};
 
-use crate::sql::Statements;
+use crate::backoff::Backoff;
+use crate::reader::Window;
+use crate::sql::{SESSION_SETUP, Statements};
 
-/// Polls `last_message_id` every `interval` until `stop` turns true; publishes each new
-/// value on `tx`. Errors are logged and the poll goes on: workers still poll on their own.
-pub async fn watch_sequence(
-    client: Client,
-    sql: Statements,
-    interval: Duration,
-    tx: &watch::Sender<i64>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = i64::MIN;
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => {}
+/// What the poller left for one worker: a window (merged with earlier ones not yet
+/// taken), or the order to reread the whole partition (after `outboxd unpark`).
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    state: Mutex<Delivered>,
+    notify: Notify,
+}
+
+/// The contents of a [`Mailbox`].
+#[derive(Debug, Default)]
+pub struct Delivered {
+    /// A window to read, if new messages were committed.
+    pub window: Option<Window>,
+    /// True when the partition must be reread from its start.
+    pub reset: bool,
+}
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Delivered> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         }
-        if *stop.borrow() {
-            return;
-        }
-        match client.query_one(&sql.last_message_id, &[]).await {
-            Ok(row) => {
-                failing = false;
-                let value: i64 = row.get(0);
-                if value != last {
-                    last = value;
-                    tx.send_replace(value);
-                }
+    }
+
+    /// Leaves a window, merging it into one not yet taken.
+    pub fn offer(&self, window: Window) {
+        {
+            let mut s = self.lock();
+            match &mut s.window {
+                Some(w) => w.merge(window),
+                None => s.window = Some(window),
             }
-            Err(e) => {
-                if client.is_closed() {
-                    tracing::warn!(error = %e, "wake-up poller lost its connection; workers fall back to polling");
-                    return;
+        }
+        self.notify.notify_one();
+    }
+
+    /// Asks the worker to reread its partition from the start.
+    pub fn reset(&self) {
+        self.lock().reset = true;
+        self.notify.notify_one();
+    }
+
+    /// Takes whatever was left.
+    pub fn take(&self) -> Delivered {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Waits until something is left (returns at once if something already was).
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// When the poller last succeeded, so workers can tell whether to rely on it.
+#[derive(Debug)]
+pub struct PollerPulse {
+    started: Instant,
+    last_ok_ms: AtomicU64,
+}
+
+impl Default for PollerPulse {
+    fn default() -> Self {
+        PollerPulse {
+            started: Instant::now(),
+            last_ok_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PollerPulse {
+    fn beat(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ok_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// True when the poller has not succeeded for longer than `limit`.
+    pub fn is_stale(&self, limit: Duration) -> bool {
+        let last = Duration::from_millis(self.last_ok_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last) > limit
+    }
+}
+
+/// The poller's starting point: the snapshot and parked epoch read before any worker
+/// starts, so every commit after it reaches a worker through a window.
+pub async fn initial_state(
+    client: &Client,
+    sql: &Statements,
+) -> Result<(String, i64), tokio_postgres::Error> {
+    let row = client.query_one(&sql.current_snapshot, &[]).await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Everything the poller needs.
+pub struct Poller {
+    /// Connection settings, for reconnecting.
+    pub pg_config: tokio_postgres::Config,
+    /// The first connection (already set up).
+    pub client: Client,
+    /// The SQL texts.
+    pub sql: Statements,
+    /// Time between polls.
+    pub interval: Duration,
+    /// Reconnect backoff bounds.
+    pub retry: (Duration, Duration),
+    /// One mailbox per partition.
+    pub mailboxes: Vec<Arc<Mailbox>>,
+    /// Where the poller reports that it is alive.
+    pub pulse: Arc<PollerPulse>,
+    /// From [`initial_state`].
+    pub start: (String, i64),
+}
+
+impl Poller {
+    /// Polls until `stop` turns true. Keeps its last snapshot across reconnects, so the
+    /// first window after an outage covers the outage.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Poller {
+            pg_config,
+            client,
+            sql,
+            interval,
+            retry,
+            mailboxes,
+            pulse,
+            start,
+        } = self;
+        let mut client = Some(client);
+        let (mut previous, mut epoch) = start;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backoff = Backoff::new(retry.0, retry.1);
+        // `poll_windows` prepared on the current connection.
+        let mut prepared: Option<tokio_postgres::Statement> = None;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                return;
+            }
+            let Some(c) = client.as_ref().filter(|c| !c.is_closed()) else {
+                prepared = None;
+                client = reconnect(&pg_config).await;
+                if client.is_none() {
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
-                if !failing {
-                    tracing::warn!(error = %e, "wake-up poll failed");
-                    failing = true;
+                continue;
+            };
+            if prepared.is_none() {
+                prepared = c.prepare(&sql.poll_windows).await.ok();
+            }
+            let Some(poll) = prepared.as_ref() else {
+                client = None;
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            };
+            match c.query_one(poll, &[&previous]).await {
+                Ok(row) => {
+                    backoff.reset();
+                    pulse.beat();
+                    let snapshot: String = row.get(0);
+                    let parked_epoch: i64 = row.get(1);
+                    let partitions: Option<Vec<i32>> = row.get(2);
+                    let min_ids: Option<Vec<i64>> = row.get(3);
+                    if parked_epoch != epoch {
+                        epoch = parked_epoch;
+                        mailboxes.iter().for_each(|m| m.reset());
+                    }
+                    for (p, min_id) in partitions
+                        .unwrap_or_default()
+                        .into_iter()
+                        .zip(min_ids.unwrap_or_default())
+                    {
+                        if let Some(m) = usize::try_from(p).ok().and_then(|p| mailboxes.get(p)) {
+                            m.offer(Window {
+                                snapshot: snapshot.clone(),
+                                cursor: min_id - 1,
+                            });
+                        }
+                    }
+                    previous = snapshot;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "wake-up poll failed; workers fall back to polling");
+                    if c.is_closed() {
+                        client = None;
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
     }
+}
+
+async fn reconnect(pg_config: &tokio_postgres::Config) -> Option<Client> {
+    let (client, connection) = pg_config.connect(NoTls).await.ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client.batch_execute(SESSION_SETUP).await.ok()?;
+    Some(client)
 }

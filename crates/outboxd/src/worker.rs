@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::error::KafkaError;
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::backoff::Backoff;
 use crate::config::{Config, ErrorPolicy};
@@ -20,6 +20,7 @@ use crate::metrics::PartitionMetrics;
 use crate::publisher::{Publisher, is_permanent};
 use crate::reader::{OutboxRow, PartitionReader};
 use crate::sql::Statements;
+use crate::wakeup::{Mailbox, PollerPulse};
 
 /// What every worker shares.
 pub struct WorkerContext {
@@ -33,6 +34,14 @@ pub struct WorkerContext {
     pub config: Config,
     /// Where workers report their state.
     pub health: Arc<Health>,
+}
+
+/// A worker's connection, holding its partition's advisory lock, with the statements it
+/// runs for every batch prepared.
+struct Session {
+    client: Client,
+    read_batch: Statement,
+    delete_batch: Statement,
 }
 
 /// Why a worker's inner loop ended.
@@ -66,7 +75,8 @@ pub async fn run_worker(
     partition: i32,
     ctx: Arc<WorkerContext>,
     stop: watch::Receiver<bool>,
-    mut wake: watch::Receiver<i64>,
+    mailbox: Arc<Mailbox>,
+    pulse: Arc<PollerPulse>,
 ) {
     let mut w = Worker {
         partition,
@@ -81,7 +91,7 @@ pub async fn run_worker(
         if w.stopping() {
             return;
         }
-        let client = match w.connect_and_lock().await {
+        let session = match w.connect_and_lock().await {
             Ok(Some(c)) => {
                 reconnect.reset();
                 c
@@ -108,7 +118,7 @@ pub async fn run_worker(
         tracing::debug!(partition, "partition acquired");
         w.set_state(PartitionState::Relaying);
         reader.reset();
-        match w.work(&client, &mut reader, &mut wake).await {
+        match w.work(&session, &mut reader, &mailbox, &pulse).await {
             Exit::Stop => return,
             Exit::Reconnect(e) => {
                 tracing::warn!(partition, error = %e, "partition worker lost PostgreSQL; reconnecting");
@@ -148,7 +158,7 @@ impl Worker<'_> {
         self.stopping()
     }
 
-    async fn connect_and_lock(&self) -> Result<Option<Client>> {
+    async fn connect_and_lock(&self) -> Result<Option<Session>> {
         let (client, connection) = self
             .ctx
             .pg_config
@@ -173,38 +183,71 @@ impl Worker<'_> {
             .await
             .map_err(Error::pg("locking the partition"))?
             .get(0);
-        Ok(locked.then_some(client))
+        if !locked {
+            return Ok(None);
+        }
+        // Prepared once per connection: parsed and planned once, one round trip per call.
+        let read_batch = client
+            .prepare(&self.ctx.sql.read_batch)
+            .await
+            .map_err(Error::pg("preparing the batch read"))?;
+        let delete_batch = client
+            .prepare(&self.ctx.sql.delete_batch)
+            .await
+            .map_err(Error::pg("preparing the batch delete"))?;
+        Ok(Some(Session {
+            client,
+            read_batch,
+            delete_batch,
+        }))
     }
 
     async fn work(
         &mut self,
-        client: &Client,
+        session: &Session,
         reader: &mut PartitionReader,
-        wake: &mut watch::Receiver<i64>,
+        mailbox: &Mailbox,
+        pulse: &PollerPulse,
     ) -> Exit {
-        let min_idle = Duration::from_millis(1);
-        let mut idle = min_idle;
+        // The poller counts as stalled when it missed many ticks; then this worker opens
+        // its own windows every poll interval.
+        let stall = self.ctx.config.poll_interval() + self.ctx.config.wakeup_interval() * 20;
         loop {
             if self.stopping() {
                 return Exit::Stop;
             }
-            let batch = match reader.next_batch(client, &self.ctx.sql).await {
+            let delivered = mailbox.take();
+            if delivered.reset {
+                reader.reset();
+            }
+            if let Some(window) = delivered.window {
+                reader.offer(window);
+            }
+            if !reader.has_work() {
+                // Caught up: wait for the poller to hand over a window.
+                self.metrics.oldest_age.set(0.0);
+                tokio::select! {
+                    _ = mailbox.wait() => {}
+                    _ = tokio::time::sleep(self.ctx.config.poll_interval()) => {
+                        if pulse.is_stale(stall) {
+                            reader.open_own_window();
+                        }
+                    }
+                    _ = self.stop.changed() => {}
+                }
+                continue;
+            }
+            let client = &session.client;
+            let batch = match reader
+                .next_batch(client, &self.ctx.sql, &session.read_batch)
+                .await
+            {
                 Ok(b) => b,
                 Err(e) => return Exit::Reconnect(e),
             };
             let Some(first) = batch.first() else {
-                self.metrics.oldest_age.set(0.0);
-                // Nothing committed yet. A wake-up means a writer took an id; its commit may
-                // follow shortly, so poll quickly at first and back off to the poll interval.
-                tokio::select! {
-                    // Err means the wake-up poller is gone: fall through to plain polling.
-                    Ok(()) = wake.changed() => idle = min_idle,
-                    _ = tokio::time::sleep(idle) => idle = (idle * 2).min(self.ctx.config.poll_interval()),
-                    _ = self.stop.changed() => {}
-                }
                 continue;
             };
-            idle = min_idle;
             let started = Instant::now();
             self.metrics
                 .oldest_age
@@ -216,7 +259,7 @@ impl Worker<'_> {
             if !acked.is_empty() {
                 let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
                 if let Err(e) = client
-                    .execute(&self.ctx.sql.delete_batch, &[&self.partition, &ids])
+                    .execute(&session.delete_batch, &[&self.partition, &ids])
                     .await
                 {
                     return Exit::Reconnect(Error::pg("retiring a published batch")(e));

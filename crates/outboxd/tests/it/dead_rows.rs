@@ -36,6 +36,7 @@ fn rand_suffix() -> u32 {
 }
 
 struct Costs {
+    poll_windows: i64,
     open_window: i64,
     read_batch: i64,
     naive_head: i64,
@@ -89,7 +90,14 @@ async fn costs_after(retired: i64) -> Costs {
         .await
         .expect("analyze");
 
+    // Measure as the relay runs them: in a relay session.
+    setup
+        .client
+        .batch_execute(outboxd::sql::SESSION_SETUP)
+        .await
+        .expect("session setup");
     let sql = outboxd::sql::Statements::new(s);
+    let poll_windows = buffers(&setup.client, &sql.poll_windows, &format!("'{previous}'")).await;
     let open_window = buffers(&setup.client, &sql.open_window, &format!("0, '{previous}'")).await;
     let (current, min_id): (String, i64) = {
         let r = setup
@@ -108,6 +116,11 @@ async fn costs_after(retired: i64) -> Costs {
         &format!("0, {}, '{current}', 1000", min_id - 1),
     )
     .await;
+    setup
+        .client
+        .batch_execute("RESET ALL")
+        .await
+        .expect("reset");
     let naive_head = buffers(
         &setup.client,
         &format!("SELECT id FROM {s}.message WHERE partition = $1 ORDER BY id LIMIT 1000"),
@@ -117,6 +130,7 @@ async fn costs_after(retired: i64) -> Costs {
     held.rollback().await.expect("release");
     setup.cleanup().await;
     Costs {
+        poll_windows,
         open_window,
         read_batch,
         naive_head,
@@ -128,7 +142,9 @@ async fn read_cost_does_not_grow_with_retired_rows_behind_a_long_transaction() {
     let none = costs_after(0).await;
     let many = costs_after(100_000).await;
     println!(
-        "buffers touched with 0 / 100000 retired rows: open_window {} / {}, read_batch {} / {}, naive head scan {} / {}",
+        "buffers touched with 0 / 100000 retired rows: poll_windows {} / {}, open_window {} / {}, read_batch {} / {}, naive head scan {} / {}",
+        none.poll_windows,
+        many.poll_windows,
         none.open_window,
         many.open_window,
         none.read_batch,
@@ -141,6 +157,10 @@ async fn read_cost_does_not_grow_with_retired_rows_behind_a_long_transaction() {
         "the hazard is real: the naive read walks the dead rows"
     );
     // An index may gain a level between 10 and 100,010 entries; nothing else may grow.
+    assert!(
+        many.poll_windows <= none.poll_windows + 10,
+        "poll_windows walks dead rows"
+    );
     assert!(
         many.open_window <= none.open_window + 10,
         "open_window walks dead rows"
