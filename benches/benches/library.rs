@@ -7,12 +7,14 @@
 //!
 //! Run: `scripts/services up && cargo bench -p outbox-benches --bench library`
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use outbox::Message;
 use outbox_benches::BenchDb;
 use rand::Rng;
+use tokio_postgres::Statement;
 
 const PAYLOAD: [u8; 300] = [b'x'; 300];
 const ENTITIES: u32 = 10_000;
@@ -29,6 +31,14 @@ fn random_entity() -> String {
     format!("order-{}", rand::rng().random_range(0..ENTITIES))
 }
 
+/// How the overhead bench writes the message.
+#[derive(Clone, Copy)]
+enum Save {
+    None,
+    Text,
+    Prepared,
+}
+
 fn overhead(c: &mut Criterion) {
     let rt = runtime();
     let db = rt.block_on(BenchDb::new("bench_overhead", 8));
@@ -38,36 +48,55 @@ fn overhead(c: &mut Criterion) {
     )));
     let insert = format!("INSERT INTO {s}.business (entity, body) VALUES ($1, $2)");
 
+    // A well-tuned service prepares its own statements once per connection; so do we.
+    let prepared = Arc::new(rt.block_on(db.prepare_all()));
+    let inserts: Arc<Vec<Statement>> = Arc::new(rt.block_on(async {
+        let mut v = Vec::new();
+        for c in &db.clients {
+            v.push(
+                c.lock()
+                    .await
+                    .prepare(&insert)
+                    .await
+                    .expect("prepare insert"),
+            );
+        }
+        v
+    }));
     let mut group = c.benchmark_group("overhead_8_writers");
     group
         .throughput(Throughput::Elements(1))
         .sample_size(20)
         .measurement_time(Duration::from_secs(15));
-    for with_outbox in [false, true] {
-        let name = if with_outbox {
-            "business_row_plus_save_in_tx"
-        } else {
-            "business_row_only"
-        };
-        let insert = insert.clone();
+    for (name, mode) in [
+        ("business_row_only", Save::None),
+        ("business_row_plus_save_in_tx", Save::Text),
+        ("business_row_plus_prepared_save_in_tx", Save::Prepared),
+    ] {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                let insert = insert.clone();
-                rt.block_on(db.run(iters, move |client, outbox| {
-                    let insert = insert.clone();
+                let (prepared, inserts) = (prepared.clone(), inserts.clone());
+                rt.block_on(db.run(iters, move |i, client, outbox| {
+                    let (prepared, inserts) = (prepared.clone(), inserts.clone());
                     async move {
                         let mut client = client.lock().await;
                         let tx = client.transaction().await.expect("begin");
                         let entity = random_entity();
-                        tx.execute(&insert, &[&entity, &PAYLOAD.as_slice()])
+                        tx.execute(&inserts[i], &[&entity, &PAYLOAD.as_slice()])
                             .await
                             .expect("business insert");
-                        if with_outbox {
-                            let msg = Message::builder("orders", entity)
+                        let msg = || {
+                            Message::builder("orders", entity.as_str())
                                 .payload(PAYLOAD.to_vec())
                                 .build()
-                                .expect("valid");
-                            outbox.save_in_tx(&tx, &msg).await.expect("save");
+                                .expect("valid")
+                        };
+                        match mode {
+                            Save::None => {}
+                            Save::Text => drop(outbox.save_in_tx(&tx, &msg()).await.expect("save")),
+                            Save::Prepared => {
+                                drop(prepared[i].save_in_tx(&tx, &msg()).await.expect("save"))
+                            }
                         }
                         tx.commit().await.expect("commit");
                     }
@@ -89,7 +118,7 @@ fn batch(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(15));
     group.bench_function("save_all_in_tx_100x300B", |b| {
         b.iter_custom(|iters| {
-            rt.block_on(db.run(iters, |client, outbox| async move {
+            rt.block_on(db.run(iters, |_, client, outbox| async move {
                 let msgs: Vec<Message> = (0..100)
                     .map(|_| {
                         Message::builder("orders", random_entity())

@@ -59,6 +59,15 @@ fn main() {
             }
             "long_tx" => long_tx().await,
             "kafka_ceiling" => kafka_ceiling().await,
+            "long_stream" => {
+                // Only the steady stream with transactions held open; optional seconds.
+                let secs = args
+                    .iter()
+                    .filter(|a| !a.starts_with("--"))
+                    .nth(1)
+                    .and_then(|r| r.parse().ok());
+                long_stream(Duration::from_secs(secs.unwrap_or(300))).await
+            }
             "all" => {
                 throughput(false).await;
                 latency(2000, Duration::from_secs(60)).await;
@@ -239,8 +248,11 @@ async fn long_tx() {
         "[long_tx] drain with long transactions open: {:.0}% of the drain without",
         held / base * 100.0
     );
+    long_stream(Duration::from_secs(300)).await;
+}
 
-    // Five minutes of steady traffic with an idle transaction and a writer's transaction open.
+/// Steady traffic for `duration` with an idle transaction and a writer's transaction open.
+async fn long_stream(duration: Duration) {
     let db = BenchDb::new("bench_long_stream", 1).await;
     bench_partitions(&db).await;
     let topic = outbox_testkit::create_topic("bench-long", KAFKA_PARTITIONS).await;
@@ -262,14 +274,11 @@ async fn long_tx() {
         .await
         .expect("late save");
     let (stop, task) = start_relay(relay_config(&db));
-    stream_and_report(
-        "long_tx stream, 5 min with transactions open",
-        &db,
-        &topic,
-        2000,
-        Duration::from_secs(300),
-    )
-    .await;
+    let label = format!(
+        "long_tx stream, {} s with transactions open",
+        duration.as_secs()
+    );
+    stream_and_report(&label, &db, &topic, 2000, duration).await;
     let before = topic_size(
         &consumer(&outbox_testkit::brokers()),
         &topic,
@@ -279,8 +288,9 @@ async fn long_tx() {
     t2.commit().await.expect("late commit");
     let after = wait_for_topic(&topic, before + 1, commit_at).await;
     println!(
-        "[long_tx] late transaction delivered {:.1} ms after its commit (5 min old)",
-        after.as_secs_f64() * 1000.0
+        "[long_tx] late transaction delivered {:.1} ms after its commit ({} s old)",
+        after.as_secs_f64() * 1000.0,
+        duration.as_secs()
     );
     t1.rollback().await.expect("release");
     let _ = stop.send(());

@@ -49,16 +49,31 @@ impl BenchDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// Prepares the save statements on every connection, in connection order.
+    pub async fn prepare_all(&self) -> Vec<outbox::PreparedOutbox> {
+        let mut out = Vec::new();
+        for c in &self.clients {
+            out.push(
+                self.outbox
+                    .prepare(&*c.lock().await)
+                    .await
+                    .expect("prepare"),
+            );
+        }
+        out
+    }
+
     /// Drops the schema.
     pub async fn drop(self) {
         outbox_testkit::drop_schema(&self.admin, self.schema.name()).await;
     }
 
     /// Runs `total` units of work spread evenly over the connections, concurrently, and
-    /// returns the wall time. `work(client, outbox)` performs one unit (one transaction).
+    /// returns the wall time. `work(i, client, outbox)` performs one unit (one transaction)
+    /// on connection `i`.
     pub async fn run<F, Fut>(&self, total: u64, work: F) -> Duration
     where
-        F: Fn(Arc<Mutex<Client>>, Outbox) -> Fut + Send + Sync + Clone + 'static,
+        F: Fn(usize, Arc<Mutex<Client>>, Outbox) -> Fut + Send + Sync + Clone + 'static,
         Fut: Future<Output = ()> + Send,
     {
         let n = self.clients.len() as u64;
@@ -69,7 +84,7 @@ impl BenchDb {
             let (client, outbox, work) = (client.clone(), self.outbox.clone(), work.clone());
             tasks.push(tokio::spawn(async move {
                 for _ in 0..share {
-                    work(client.clone(), outbox.clone()).await;
+                    work(i, client.clone(), outbox.clone()).await;
                 }
             }));
         }
@@ -142,7 +157,7 @@ pub mod relay {
         payload: usize,
     ) -> Duration {
         let topic = topic.to_owned();
-        db.run(total / batch as u64, move |client, outbox| {
+        db.run(total / batch as u64, move |_, client, outbox| {
             let topic = topic.clone();
             async move {
                 let msgs: Vec<Message> = (0..batch)

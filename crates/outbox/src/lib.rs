@@ -36,6 +36,7 @@ pub use error::{Error, Result};
 pub use message::{MAX_TOPIC_LEN, Message, MessageBuilder, validate_topic};
 pub use migrate::{SCHEMA_VERSION, check_schema, migrate, migrate_schema};
 pub use save::{
-    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_PAYLOAD_BYTES, Outbox, save_all_in_tx, save_in_tx,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_PAYLOAD_BYTES, Outbox, PreparedOutbox, save_all_in_tx,
+    save_in_tx,
 };
 pub use schema::Schema;

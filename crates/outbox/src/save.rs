@@ -5,9 +5,9 @@
 
 use std::sync::LazyLock;
 
-use tokio_postgres::Transaction;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Statement, Transaction};
 
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -76,6 +76,16 @@ impl Outbox {
     /// Takes a row lock on the entity's mapping row until the transaction ends, so writers of
     /// one entity are serialized and its ids follow commit order.
     pub async fn save_in_tx(&self, tx: &Transaction<'_>, msg: &Message) -> Result<i64> {
+        self.save_one(tx, msg, Target::Text(&self.enqueue_sql))
+            .await
+    }
+
+    async fn save_one(
+        &self,
+        tx: &Transaction<'_>,
+        msg: &Message,
+        target: Target<'_>,
+    ) -> Result<i64> {
         self.check_limits(msg)?;
         let params: [(&(dyn ToSql + Sync), Type); 8] = [
             (&msg.topic, Type::TEXT),
@@ -87,8 +97,8 @@ impl Outbox {
             (&msg.header_values, Type::BYTEA_ARRAY),
             (&msg.event_type, Type::TEXT),
         ];
-        let rows = tx
-            .query_typed(&self.enqueue_sql, &params)
+        let rows = target
+            .query(tx, &params)
             .await
             .map_err(|e| self.map_db_error(e, "saving a message"))?;
         rows.first()
@@ -104,6 +114,16 @@ impl Outbox {
     /// deadlocking in the common case; with other row locks the caller holds, a deadlock is
     /// still possible (PostgreSQL aborts one transaction and [`Error::is_retryable`] is true).
     pub async fn save_all_in_tx(&self, tx: &Transaction<'_>, msgs: &[Message]) -> Result<Vec<i64>> {
+        self.save_many(tx, msgs, Target::Text(&self.enqueue_batch_sql))
+            .await
+    }
+
+    async fn save_many(
+        &self,
+        tx: &Transaction<'_>,
+        msgs: &[Message],
+        target: Target<'_>,
+    ) -> Result<Vec<i64>> {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
@@ -140,8 +160,8 @@ impl Outbox {
             (&h_names, Type::TEXT_ARRAY),
             (&h_values, Type::BYTEA_ARRAY),
         ];
-        let rows = tx
-            .query_typed(&self.enqueue_batch_sql, &params)
+        let rows = target
+            .query(tx, &params)
             .await
             .map_err(|e| self.map_db_error(e, "saving a batch of messages"))?;
         // The ids were taken in input order; the order rows come back in is not promised.
@@ -151,6 +171,23 @@ impl Outbox {
         }
         ids.sort_unstable();
         Ok(ids)
+    }
+
+    /// Prepares the write statements on `client`'s connection, so that each save is bound
+    /// and executed without being parsed again. Use the result only with transactions of
+    /// that same connection (a statement prepared on another one does not exist there).
+    pub async fn prepare(&self, client: &tokio_postgres::Client) -> Result<PreparedOutbox> {
+        let prepare = |sql: String| async move {
+            client
+                .prepare(&sql)
+                .await
+                .map_err(|e| self.map_db_error(e, "preparing the save statements"))
+        };
+        Ok(PreparedOutbox {
+            enqueue: prepare(self.enqueue_sql.clone()).await?,
+            enqueue_batch: prepare(self.enqueue_batch_sql.clone()).await?,
+            outbox: self.clone(),
+        })
     }
 
     fn check_limits(&self, msg: &Message) -> Result<()> {
@@ -190,6 +227,54 @@ impl Outbox {
         Error::SchemaNotReady {
             schema: self.schema.name().to_owned(),
             problem: problem.to_owned(),
+        }
+    }
+}
+
+/// An [`Outbox`] whose statements are prepared on one connection: keep one per pooled
+/// connection (or use `deadpool_postgres`'s statement cache) when the parse time matters.
+#[derive(Debug, Clone)]
+pub struct PreparedOutbox {
+    outbox: Outbox,
+    enqueue: Statement,
+    enqueue_batch: Statement,
+}
+
+impl PreparedOutbox {
+    /// [`Outbox::save_in_tx`] with the prepared statement.
+    pub async fn save_in_tx(&self, tx: &Transaction<'_>, msg: &Message) -> Result<i64> {
+        self.outbox
+            .save_one(tx, msg, Target::Prepared(&self.enqueue))
+            .await
+    }
+
+    /// [`Outbox::save_all_in_tx`] with the prepared statement.
+    pub async fn save_all_in_tx(&self, tx: &Transaction<'_>, msgs: &[Message]) -> Result<Vec<i64>> {
+        self.outbox
+            .save_many(tx, msgs, Target::Prepared(&self.enqueue_batch))
+            .await
+    }
+}
+
+/// How a save reaches the server: SQL text sent with explicit parameter types (parse, bind
+/// and execute in one round trip), or a statement prepared earlier (bind and execute).
+enum Target<'a> {
+    Text(&'a str),
+    Prepared(&'a Statement),
+}
+
+impl Target<'_> {
+    async fn query(
+        &self,
+        tx: &Transaction<'_>,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        match self {
+            Target::Text(sql) => tx.query_typed(sql, params).await,
+            Target::Prepared(statement) => {
+                let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+                tx.query(*statement, &values).await
+            }
         }
     }
 }

@@ -235,3 +235,55 @@ async fn migrate_is_idempotent_and_safe_when_run_concurrently() {
     );
     outbox_testkit::drop_schema(&client, schema.name()).await;
 }
+
+#[tokio::test]
+async fn prepared_statements_write_the_same_rows() {
+    let mut t = TestSchema::new().await;
+    let prepared = t.outbox.prepare(&t.client).await.expect("prepare");
+    let one = order_event("order-p", "one");
+    let many = vec![
+        order_event("order-p", "two"),
+        order_event("order-q", "three"),
+    ];
+    let tx = t.client.transaction().await.expect("begin");
+    let a = prepared.save_in_tx(&tx, &one).await.expect("prepared save");
+    let b = prepared
+        .save_all_in_tx(&tx, &many)
+        .await
+        .expect("prepared batch");
+    let c = t.outbox.save_in_tx(&tx, &one).await.expect("text save");
+    tx.commit().await.expect("commit");
+    assert!(a < b[0] && b[0] < b[1] && b[1] < c);
+    let rows: Vec<(String, Vec<u8>, Vec<String>, Option<String>)> = t
+        .client
+        .query(
+            &format!(
+                "SELECT entity_key, payload, header_names, event_type FROM {}.message ORDER BY id",
+                t.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let expect = |e: &str, p: &str| {
+        (
+            e.to_owned(),
+            p.as_bytes().to_vec(),
+            vec!["trace".to_owned()],
+            Some("OrderCreated".to_owned()),
+        )
+    };
+    assert_eq!(
+        rows,
+        vec![
+            expect("order-p", "one"),
+            expect("order-p", "two"),
+            expect("order-q", "three"),
+            expect("order-p", "one")
+        ]
+    );
+    t.cleanup().await;
+}
