@@ -254,7 +254,8 @@ async fn prepared_statements_write_the_same_rows() {
     let c = t.outbox.save_in_tx(&tx, &one).await.expect("text save");
     tx.commit().await.expect("commit");
     assert!(a < b[0] && b[0] < b[1] && b[1] < c);
-    let rows: Vec<(String, Vec<u8>, Vec<String>, Option<String>)> = t
+    type Row = (String, Vec<u8>, Vec<String>, Option<String>);
+    let rows: Vec<Row> = t
         .client
         .query(
             &format!(
