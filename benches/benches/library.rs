@@ -32,7 +32,7 @@ fn random_entity() -> String {
 }
 
 /// How the overhead bench writes the message.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Save {
     None,
     Text,
@@ -91,13 +91,14 @@ fn overhead(c: &mut Criterion) {
                                 .build()
                                 .expect("valid")
                         };
-                        match mode {
-                            Save::None => {}
-                            Save::Text => drop(outbox.save_in_tx(&tx, &msg()).await.expect("save")),
+                        let id = match mode {
+                            Save::None => 0,
+                            Save::Text => outbox.save_in_tx(&tx, &msg()).await.expect("save"),
                             Save::Prepared => {
-                                drop(prepared[i].save_in_tx(&tx, &msg()).await.expect("save"))
+                                prepared[i].save_in_tx(&tx, &msg()).await.expect("save")
                             }
-                        }
+                        };
+                        assert!(mode == Save::None || id > 0, "a saved message has an id");
                         tx.commit().await.expect("commit");
                     }
                 }))
