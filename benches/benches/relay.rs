@@ -138,6 +138,32 @@ async fn wait_for_topic(topic: &str, target: i64, start: Instant) -> Duration {
     .expect("watermark poller")
 }
 
+/// Opens the two long transactions of the `long_tx` runs: an idle one that holds back
+/// vacuum, and one that wrote a message (for entity `late-entity`) and commits late.
+/// Returns both and the late message's id.
+async fn hold_transactions_open<'a>(
+    idle: &'a mut tokio_postgres::Client,
+    late: &'a mut tokio_postgres::Client,
+    db: &BenchDb,
+    topic: &str,
+) -> (
+    tokio_postgres::Transaction<'a>,
+    tokio_postgres::Transaction<'a>,
+    i64,
+) {
+    let t1 = idle.transaction().await.expect("begin");
+    t1.query_one("SELECT pg_current_xact_id()", &[])
+        .await
+        .expect("xid");
+    let t2 = late.transaction().await.expect("begin");
+    let msg = Message::builder(topic, "late-entity")
+        .payload(b"late".to_vec())
+        .build()
+        .expect("valid");
+    let late_id = db.outbox.save_in_tx(&t2, &msg).await.expect("late save");
+    (t1, t2, late_id)
+}
+
 /// Fills a 1M backlog, then drains it; returns messages/s of the drain.
 async fn throughput(hold_transactions: bool) -> f64 {
     let db = BenchDb::new("bench_relay", 4).await;
@@ -153,23 +179,7 @@ async fn throughput(hold_transactions: bool) -> f64 {
     let mut idle = outbox_testkit::connect().await;
     let mut late = outbox_testkit::connect().await;
     let held = if hold_transactions {
-        let t1 = idle.transaction().await.expect("begin");
-        t1.query_one("SELECT pg_current_xact_id()", &[])
-            .await
-            .expect("xid");
-        let t2 = late.transaction().await.expect("begin");
-        let late_id = db
-            .outbox
-            .save_in_tx(
-                &t2,
-                &Message::builder(topic.as_str(), "late-entity")
-                    .payload(b"late".to_vec())
-                    .build()
-                    .expect("valid"),
-            )
-            .await
-            .expect("late save");
-        Some((t1, t2, late_id))
+        Some(hold_transactions_open(&mut idle, &mut late, &db, &topic).await)
     } else {
         None
     };
@@ -257,22 +267,8 @@ async fn long_stream(duration: Duration) {
     bench_partitions(&db).await;
     let topic = outbox_testkit::create_topic("bench-long", KAFKA_PARTITIONS).await;
     let mut idle = outbox_testkit::connect().await;
-    let t1 = idle.transaction().await.expect("begin");
-    t1.query_one("SELECT pg_current_xact_id()", &[])
-        .await
-        .expect("xid");
     let mut late = outbox_testkit::connect().await;
-    let t2 = late.transaction().await.expect("begin");
-    db.outbox
-        .save_in_tx(
-            &t2,
-            &Message::builder(topic.as_str(), "late-entity")
-                .payload(b"late".to_vec())
-                .build()
-                .expect("valid"),
-        )
-        .await
-        .expect("late save");
+    let (t1, t2, _) = hold_transactions_open(&mut idle, &mut late, &db, &topic).await;
     let (stop, task) = start_relay(relay_config(&db));
     let label = format!(
         "long_tx stream, {} s with transactions open",

@@ -64,6 +64,26 @@ pub struct Statements {
     pub current_snapshot: String,
 }
 
+/// One statement that deletes the message(s) matching `condition`, copies them into
+/// `dead_letter` with `policy` and `error` (SQL expressions), then runs `then` over the CTE
+/// `dead(id, entity_key)` of what was moved.
+fn move_to_dead_letter(s: &str, condition: &str, policy: &str, error: &str, then: &str) -> String {
+    format!(
+        "WITH moved AS (
+             DELETE FROM {s}.message WHERE {condition} RETURNING *
+         ), dead AS (
+             INSERT INTO {s}.dead_letter (id, partition, topic, entity_key, kafka_key,
+                    kafka_partition, payload, header_names, header_values, event_type,
+                    created_at, policy, error)
+             SELECT id, partition, topic, entity_key, kafka_key, kafka_partition, payload,
+                    header_names, header_values, event_type, created_at, {policy}, {error}
+               FROM moved
+             RETURNING id, entity_key
+         )
+         {then}"
+    )
+}
+
 impl Statements {
     /// The statements for `schema`.
     pub fn new(schema: &Schema) -> Self {
@@ -111,45 +131,30 @@ impl Statements {
                                  WHERE m.partition = $1::int4 AND m.id = d.id)
                           FROM unnest($2::int8[]) AS d(id)))"
             ),
-            dead_letter: format!(
-                "WITH moved AS (
-                     DELETE FROM {s}.message WHERE partition = $1::int4 AND id = $2::int8 RETURNING *
-                 )
-                 INSERT INTO {s}.dead_letter (id, partition, topic, entity_key, kafka_key,
-                        kafka_partition, payload, header_names, header_values, event_type,
-                        created_at, policy, error)
-                 SELECT id, partition, topic, entity_key, kafka_key, kafka_partition, payload,
-                        header_names, header_values, event_type, created_at, $3::text, $4::text
-                   FROM moved
-                 RETURNING id"
+            dead_letter: move_to_dead_letter(
+                s,
+                "partition = $1::int4 AND id = $2::int8",
+                "$3::text",
+                "$4::text",
+                "SELECT id FROM dead",
             ),
-            skip_message: format!(
-                "WITH moved AS (
-                     DELETE FROM {s}.message WHERE id = $1::int8 RETURNING *
-                 )
-                 INSERT INTO {s}.dead_letter (id, partition, topic, entity_key, kafka_key,
-                        kafka_partition, payload, header_names, header_values, event_type,
-                        created_at, policy, error)
-                 SELECT id, partition, topic, entity_key, kafka_key, kafka_partition, payload,
-                        header_names, header_values, event_type, created_at, 'skip', $2::text
-                   FROM moved
-                 RETURNING id"
+            skip_message: move_to_dead_letter(
+                s,
+                "id = $1::int8",
+                "'skip'",
+                "$2::text",
+                "SELECT id FROM dead",
             ),
-            park_message: format!(
-                "WITH moved AS (
-                     DELETE FROM {s}.message WHERE partition = $1::int4 AND id = $2::int8 RETURNING *
-                 ), dead AS (
-                     INSERT INTO {s}.dead_letter (id, partition, topic, entity_key, kafka_key,
-                            kafka_partition, payload, header_names, header_values, event_type,
-                            created_at, policy, error)
-                     SELECT id, partition, topic, entity_key, kafka_key, kafka_partition, payload,
-                            header_names, header_values, event_type, created_at, 'park_entity', $3::text
-                       FROM moved
-                     RETURNING id, entity_key
-                 )
-                 INSERT INTO {s}.parked_entity (entity_key, message_id, error)
-                 SELECT entity_key, id, $3::text FROM dead
-                 ON CONFLICT (entity_key) DO NOTHING"
+            park_message: move_to_dead_letter(
+                s,
+                "partition = $1::int4 AND id = $2::int8",
+                "'park_entity'",
+                "$3::text",
+                &format!(
+                    "INSERT INTO {s}.parked_entity (entity_key, message_id, error)
+                     SELECT entity_key, id, $3::text FROM dead
+                     ON CONFLICT (entity_key) DO NOTHING"
+                ),
             ),
             unpark_entity: format!(
                 "WITH released AS (

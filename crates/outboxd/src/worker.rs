@@ -248,6 +248,12 @@ impl Worker<'_> {
             let Some(first) = batch.first() else {
                 continue;
             };
+            tracing::debug!(
+                partition = self.partition,
+                messages = batch.len(),
+                first_id = first.id,
+                "batch read"
+            );
             let started = Instant::now();
             self.metrics
                 .oldest_age

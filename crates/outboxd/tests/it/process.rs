@@ -7,12 +7,27 @@ use std::time::{Duration, Instant};
 
 use crate::support::{Setup, wait_until, write_messages};
 
+fn log_path(setup: &Setup) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("outboxd-{}.log", setup.schema.name()))
+}
+
+/// Waits until the relay's log contains `needle`.
+fn wait_for_log(setup: &Setup, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !std::fs::read_to_string(log_path(setup)).is_ok_and(|l| l.contains(needle)) {
+        assert!(
+            Instant::now() < deadline,
+            "the relay never logged {needle:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn spawn_relay(setup: &Setup, brokers: &str, extra: &[&str]) -> Child {
-    let log = std::env::temp_dir().join(format!("outboxd-{}.log", setup.schema.name()));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log)
+        .open(log_path(setup))
         .expect("log file");
     Command::new(env!("CARGO_BIN_EXE_outboxd"))
         .args(["run", "--batch-size", "50"])
@@ -20,7 +35,7 @@ fn spawn_relay(setup: &Setup, brokers: &str, extra: &[&str]) -> Child {
         .env("OUTBOXD_DATABASE_URL", outbox_testkit::database_url())
         .env("OUTBOXD_BROKERS", brokers)
         .env("OUTBOXD_SCHEMA", setup.schema.name())
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,outboxd=debug")
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
@@ -101,7 +116,8 @@ async fn a_second_signal_exits_at_once() {
     // No broker: the batch cannot be delivered, so a graceful shutdown would wait the whole
     // (long) shutdown timeout for the producer flush.
     let mut child = spawn_relay(&setup, "127.0.0.1:1", &["--shutdown-timeout-ms", "60000"]);
-    std::thread::sleep(Duration::from_secs(2));
+    // Its batch is read and handed to the producer, which cannot deliver it.
+    wait_for_log(&setup, "batch read", Duration::from_secs(20));
     signal(&child, "-TERM");
     assert!(
         wait_exit(&mut child, Duration::from_secs(1)).is_none(),
