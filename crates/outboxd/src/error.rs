@@ -37,6 +37,9 @@ pub enum Error {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    /// An operator command found nothing to act on.
+    #[error("not found: {0}")]
+    NotFound(String),
     /// A socket or file operation failed.
     #[error("{context}: {source}")]
     Io {

@@ -181,37 +181,31 @@ async fn execute(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Skip { id, reason } => {
-            let client = connect_db(&mut config).await?;
-            let sql = outboxd::sql::Statements::new(&config.schema()?);
-            let moved = client
-                .query(&sql.skip_message, &[&id, &reason])
-                .await
-                .map_err(|source| Error::Postgres {
-                    context: "moving the message aside",
-                    source,
-                })?;
-            if moved.is_empty() {
-                return Err(Error::Config(vec![format!(
-                    "no waiting message with id {id}"
-                )]));
+            let moved = run_operator_statement(
+                &mut config,
+                "moving the message aside",
+                |s| &s.skip_message,
+                &[&id, &reason],
+            )
+            .await?;
+            if !moved {
+                return Err(Error::NotFound(format!("no waiting message with id {id}")));
             }
             println!("message {id} moved to dead_letter");
             Ok(())
         }
         Command::Unpark { entity_key } => {
-            let client = connect_db(&mut config).await?;
-            let sql = outboxd::sql::Statements::new(&config.schema()?);
-            let released = client
-                .query(&sql.unpark_entity, &[&entity_key])
-                .await
-                .map_err(|source| Error::Postgres {
-                    context: "unparking",
-                    source,
-                })?;
-            if released.is_empty() {
-                return Err(Error::Config(vec![format!(
+            let released = run_operator_statement(
+                &mut config,
+                "unparking",
+                |s| &s.unpark_entity,
+                &[&entity_key],
+            )
+            .await?;
+            if !released {
+                return Err(Error::NotFound(format!(
                     "entity {entity_key:?} is not parked"
-                )]));
+                )));
             }
             println!("entity {entity_key:?} released; relays reread its partition");
             Ok(())
@@ -255,6 +249,22 @@ async fn run(config: Config) -> Result<(), Error> {
     let result = relay.run(shutdown_signal()).await;
     stop_http.send_replace(true);
     result
+}
+
+/// Runs one of the operator statements (`skip`, `unpark`); false when it matched nothing.
+async fn run_operator_statement(
+    config: &mut Config,
+    context: &'static str,
+    statement: fn(&outboxd::sql::Statements) -> &String,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<bool, Error> {
+    let client = connect_db(config).await?;
+    let sql = outboxd::sql::Statements::new(&config.schema()?);
+    let rows = client
+        .query(statement(&sql), params)
+        .await
+        .map_err(|source| Error::Postgres { context, source })?;
+    Ok(!rows.is_empty())
 }
 
 /// Connects for the one-shot commands, which need only the database.

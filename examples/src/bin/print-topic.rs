@@ -23,7 +23,7 @@ struct Args {
     #[arg(long, default_value = "orders")]
     topic: String,
     /// Stop after this many messages.
-    #[arg(long)]
+    #[arg(long, default_value_t = 0)]
     expect: usize,
     /// Only print keys starting with this prefix (the demo's run id).
     #[arg(long, default_value = "")]
@@ -31,10 +31,55 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Only create the topic with this many partitions if it does not exist, then exit.
+    #[arg(long, value_name = "PARTITIONS")]
+    create: Option<i32>,
+}
+
+/// Creates `topic` unless it exists. Production topics are created explicitly too; the
+/// demo does not rely on the broker's auto-creation.
+fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(|e| format!("admin client: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let results = runtime
+        .block_on(admin.create_topics(
+            [&NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        ))
+        .map_err(|e| format!("creating {topic}: {e}"))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(format!("creating {t}: {code}")),
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(partitions) = args.create {
+        return match create_topic(&args.brokers, &args.topic, partitions) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("print-topic: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let consumer: BaseConsumer = match ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", format!("print-topic-{}", std::process::id()))
