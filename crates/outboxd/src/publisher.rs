@@ -34,6 +34,11 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         // while an earlier one failed) becomes a fatal error instead; the relay then
         // recreates the producer and resends from the first unacknowledged message.
         .set("enable.gapless.guarantee", "true")
+        // Never create topics from the relay. Records produced while the broker was
+        // auto-creating a topic were twice acknowledged yet missing from its log (see
+        // docs/guarantees.md); a missing topic is now a non-retriable error instead, handled
+        // by the topic's policy.
+        .set("allow.auto.create.topics", "false")
         .set("compression.type", "lz4")
         // Same key -> same partition as the Java client's default partitioner.
         .set("partitioner", "murmur2_random")

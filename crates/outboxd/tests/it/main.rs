@@ -1,6 +1,7 @@
 //! Integration tests of the relay against the real PostgreSQL and Apache Kafka started by
 //! `scripts/services up`. Each test has its own schema and its own topic.
 
+mod auto_topic;
 mod config;
 mod dead_rows;
 mod end_to_end;
