@@ -5,6 +5,7 @@ mod auto_topic;
 mod config;
 mod dead_rows;
 mod end_to_end;
+mod http;
 mod late_commit;
 mod outages;
 mod policies;
