@@ -9,6 +9,17 @@
 //! behind by earlier windows. Per-entity order follows from the writers' entity lock: within
 //! one entity, ids are taken in commit order (see `docs/guarantees.md`).
 //!
+//! A transaction that took a small id and commits late opens a window that starts far below
+//! the head of the partition, and the id-order walk from there would step over the dead
+//! rows of everything published since (hundreds of milliseconds behind a long transaction
+//! that holds back vacuum). So such a window is read in two parts: first its *late* rows,
+//! those at or below the highest id already published. Every row committed in the previous
+//! window's snapshot up to that id is published, so the late rows are among those of
+//! transactions in progress in that snapshot or started after it, which the `(xid)` index
+//! finds directly. Then the rest is read in id order from that highest id. Both parts are in id
+//! order and the first ends where the second begins, so together they are the window in id
+//! order.
+//!
 //! Windows normally come from the wake-up poller, which finds the new windows of every
 //! partition with one query per tick (see `wakeup`); windows that pile up while a batch is
 //! in flight merge into one. After a (re)start the first window is the whole partition, and
@@ -76,6 +87,29 @@ pub struct PartitionReader {
     pending: Option<Window>,
     /// Set when the poller is stale: open a window from `previous` ourselves.
     open_own: bool,
+    /// The highest id returned since the last reset: every row of the partition committed
+    /// in `previous` with an id up to here is published.
+    high_water: Option<i64>,
+    /// Set while the current window's late rows (ids up to `LateRows::until`) are read
+    /// through the `(xid)` index.
+    late: Option<LateRows>,
+}
+
+/// The late part of a window: rows with ids in `(cursor, until]` that were committed after
+/// `previous` was taken.
+#[derive(Debug, Clone)]
+struct LateRows {
+    previous: String,
+    until: i64,
+}
+
+/// The prepared statements a reader uses, prepared on the worker's connection.
+#[derive(Debug, Clone)]
+pub struct ReadStatements {
+    /// `Statements::read_batch`.
+    pub batch: Statement,
+    /// `Statements::read_late`.
+    pub late: Statement,
 }
 
 impl PartitionReader {
@@ -88,6 +122,8 @@ impl PartitionReader {
             window: None,
             pending: None,
             open_own: false,
+            high_water: None,
+            late: None,
         }
     }
 
@@ -103,6 +139,8 @@ impl PartitionReader {
         self.previous = None;
         self.window = None;
         self.pending = None;
+        self.high_water = None;
+        self.late = None;
     }
 
     /// Hands over a window found by the poller.
@@ -124,13 +162,13 @@ impl PartitionReader {
     }
 
     /// The next batch in order, or an empty vector when there is nothing to read until the
-    /// poller hands over a window. `read_batch` is `sql.read_batch` prepared on `client`. The caller must retire (delete) a returned batch before
-    /// calling this again.
+    /// poller hands over a window. `statements` are prepared on `client`. The caller must
+    /// retire (delete) a returned batch before calling this again.
     pub async fn next_batch(
         &mut self,
         client: &Client,
         sql: &Statements,
-        read_batch: &Statement,
+        statements: &ReadStatements,
     ) -> Result<Vec<OutboxRow>> {
         loop {
             let window = match self.window.take() {
@@ -140,9 +178,16 @@ impl PartitionReader {
                     None => return Ok(Vec::new()),
                 },
             };
+            if let Some(late) = self.late.clone() {
+                let batch = self.read_late(client, statements, &window, &late).await?;
+                if !batch.is_empty() {
+                    return Ok(batch);
+                }
+                continue;
+            }
             let rows = client
                 .query(
-                    read_batch,
+                    &statements.batch,
                     &[
                         &self.partition,
                         &window.cursor,
@@ -153,6 +198,7 @@ impl PartitionReader {
                 .await
                 .map_err(Error::pg("reading a batch"))?;
             let batch: Vec<OutboxRow> = rows.iter().map(row_to_message).collect();
+            self.note_read(&batch);
             match batch.last() {
                 Some(last) if batch.len() as i64 == self.batch_size => {
                     self.window = Some(Window {
@@ -169,21 +215,75 @@ impl PartitionReader {
         }
     }
 
+    /// Reads the next batch of the current window's late rows. When they are done, the
+    /// window goes on in id order from `late.until`. A late transaction with more rows than
+    /// a batch goes back to the id-order walk instead: each late read scans all rows of the
+    /// late transactions, so batching through many of them would cost more than the walk.
+    async fn read_late(
+        &mut self,
+        client: &Client,
+        statements: &ReadStatements,
+        window: &Window,
+        late: &LateRows,
+    ) -> Result<Vec<OutboxRow>> {
+        let rows = client
+            .query(
+                &statements.late,
+                &[
+                    &self.partition,
+                    &window.cursor,
+                    &window.snapshot,
+                    &self.batch_size,
+                    &late.previous,
+                    &late.until,
+                ],
+            )
+            .await
+            .map_err(Error::pg("reading late rows"))?;
+        let batch: Vec<OutboxRow> = rows.iter().map(row_to_message).collect();
+        self.note_read(&batch);
+        self.late = None;
+        let cursor = match batch.last() {
+            Some(last) if batch.len() as i64 == self.batch_size => last.id,
+            _ => late.until,
+        };
+        self.window = Some(Window {
+            snapshot: window.snapshot.clone(),
+            cursor,
+        });
+        Ok(batch)
+    }
+
+    fn note_read(&mut self, batch: &[OutboxRow]) {
+        if let Some(last) = batch.last() {
+            self.high_water = Some(self.high_water.map_or(last.id, |h| h.max(last.id)));
+        }
+    }
+
     /// The next window to read: the whole partition after a (re)start, else a window handed
     /// over by the poller, else (when asked to) one opened from the previous snapshot.
     async fn start_window(&mut self, client: &Client, sql: &Statements) -> Result<Option<Window>> {
         if let Some(prev) = self.previous.clone() {
-            if let Some(w) = self.pending.take() {
-                return Ok(Some(w));
-            }
-            if !std::mem::take(&mut self.open_own) {
-                return Ok(None);
-            }
-            let row = client
-                .query_one(&sql.open_window, &[&self.partition, &prev])
-                .await
-                .map_err(Error::pg("opening a read window"))?;
-            return Ok(self.window_from(row.get(0), row.get(1)));
+            let window = match self.pending.take() {
+                Some(w) => Some(w),
+                None if std::mem::take(&mut self.open_own) => {
+                    let row = client
+                        .query_one(&sql.open_window, &[&self.partition, &prev])
+                        .await
+                        .map_err(Error::pg("opening a read window"))?;
+                    self.window_from(row.get(0), row.get(1))
+                }
+                None => None,
+            };
+            // Rows below the high-water mark not yet published can only be late ones.
+            self.late = match (&window, self.high_water) {
+                (Some(w), Some(until)) if w.cursor < until => Some(LateRows {
+                    previous: prev,
+                    until,
+                }),
+                _ => None,
+            };
+            return Ok(window);
         }
         // First window: everything committed now. Windows the poller handed over meanwhile
         // are older or overlap; they stay pending and read nothing twice (rows are deleted).

@@ -9,8 +9,13 @@ use outbox::Schema;
 /// wrong guess (a bitmap scan plus sort over the whole partition) turns each batch read
 /// into a scan of the partition. So these sessions forbid the plan types they must never
 /// use, and JIT, whose compile time is a latency spike for a 2 ms query.
-pub const SESSION_SETUP: &str =
-    "SET enable_seqscan = off; SET enable_bitmapscan = off; SET jit = off;";
+///
+/// The relay's own commits (retiring a published batch) need not wait for the WAL flush:
+/// a retirement lost in a database crash only republishes its batch, a duplicate that
+/// at-least-once delivery allows and consumers drop by `outbox-id`. Waiting would cost one
+/// WAL flush per batch, competing with the application's commits.
+pub const SESSION_SETUP: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
+     SET jit = off; SET synchronous_commit = off;";
 
 /// The relay's statements for one schema.
 #[derive(Debug, Clone)]
@@ -38,6 +43,15 @@ pub struct Statements {
     /// snapshot with an id above the cursor. `$1`: partition, `$2`: cursor, `$3`: window
     /// snapshot (text), `$4`: limit.
     pub read_batch: String,
+    /// Reads the next batch of a window's *late* rows: rows with an id at or below the
+    /// highest id this reader already published that were not yet committed in the
+    /// reader's previous snapshot, i.e. written by a transaction in its in-progress list or
+    /// started after it. The `(xid)` index finds exactly those rows, where the id-order walk
+    /// would step over every dead row between the late id and the head of the partition.
+    /// (`partition + 0` and `id + 0` keep the planner off the primary key, which it would
+    /// otherwise scan whole for the id range.) `$1`: partition, `$2`: cursor, `$3`: window snapshot (text), `$4`:
+    /// limit, `$5`: previous snapshot (text), `$6`: highest id already published.
+    pub read_late: String,
     /// Retires published messages. `$1`: partition, `$2`: ids. Each id is looked up by the
     /// full primary key, a plan the planner cannot get wrong. The plain form
     /// `partition = $1 AND id = ANY ($2)`, prepared while the table looked small, got a
@@ -88,6 +102,10 @@ impl Statements {
     /// The statements for `schema`.
     pub fn new(schema: &Schema) -> Self {
         let s = schema.name();
+        // What a batch read returns; `reader::row_to_message` decodes it.
+        let columns = "m.id, m.topic, m.entity_key, m.kafka_key, m.kafka_partition, \
+                       m.payload, m.header_names, m.header_values, m.event_type, \
+                       extract(epoch FROM m.created_at)::float8";
         Statements {
             partitions_to_serve: format!(
                 "SELECT greatest(partition_count,
@@ -114,12 +132,25 @@ impl Statements {
                         (SELECT min(id) FROM {s}.message WHERE partition = $1::int4)"
             ),
             read_batch: format!(
-                "SELECT m.id, m.topic, m.entity_key, m.kafka_key, m.kafka_partition, m.payload,
-                        m.header_names, m.header_values, m.event_type,
-                        extract(epoch FROM m.created_at)::float8
+                "SELECT {columns}
                    FROM {s}.message m
                   WHERE m.partition = $1::int4 AND m.id > $2::int8
                     AND pg_visible_in_snapshot(m.xid, $3::text::pg_snapshot)
+                    AND NOT EXISTS (SELECT 1 FROM {s}.parked_entity p WHERE p.entity_key = m.entity_key)
+                  ORDER BY m.id
+                  LIMIT $4::int8"
+            ),
+            read_late: format!(
+                "SELECT {columns}
+                   FROM (SELECT * FROM {s}.message
+                          WHERE xid = ANY (ARRAY(SELECT pg_snapshot_xip($5::text::pg_snapshot)))
+                            AND partition + 0 = $1::int4 AND id + 0 > $2::int8 AND id + 0 <= $6::int8
+                         UNION ALL
+                         SELECT * FROM {s}.message
+                          WHERE xid >= pg_snapshot_xmax($5::text::pg_snapshot)
+                            AND partition + 0 = $1::int4 AND id + 0 > $2::int8 AND id + 0 <= $6::int8
+                        ) m
+                  WHERE pg_visible_in_snapshot(m.xid, $3::text::pg_snapshot)
                     AND NOT EXISTS (SELECT 1 FROM {s}.parked_entity p WHERE p.entity_key = m.entity_key)
                   ORDER BY m.id
                   LIMIT $4::int8"
@@ -194,6 +225,7 @@ impl Statements {
             ("open_first_window", &self.open_first_window),
             ("open_window", &self.open_window),
             ("read_batch", &self.read_batch),
+            ("read_late", &self.read_late),
             ("delete_batch", &self.delete_batch),
             ("dead_letter", &self.dead_letter),
             ("skip_message", &self.skip_message),

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::health::{Health, PartitionState};
 use crate::metrics::PartitionMetrics;
 use crate::publisher::{Publisher, is_permanent};
-use crate::reader::{OutboxRow, PartitionReader};
+use crate::reader::{OutboxRow, PartitionReader, ReadStatements};
 use crate::sql::Statements;
 use crate::wakeup::{Mailbox, PollerPulse};
 
@@ -40,7 +40,7 @@ pub struct WorkerContext {
 /// runs for every batch prepared.
 struct Session {
     client: Client,
-    read_batch: Statement,
+    read: ReadStatements,
     delete_batch: Statement,
 }
 
@@ -187,17 +187,23 @@ impl Worker<'_> {
             return Ok(None);
         }
         // Prepared once per connection: parsed and planned once, one round trip per call.
-        let read_batch = client
-            .prepare(&self.ctx.sql.read_batch)
-            .await
-            .map_err(Error::pg("preparing the batch read"))?;
+        let read = ReadStatements {
+            batch: client
+                .prepare(&self.ctx.sql.read_batch)
+                .await
+                .map_err(Error::pg("preparing the batch read"))?,
+            late: client
+                .prepare(&self.ctx.sql.read_late)
+                .await
+                .map_err(Error::pg("preparing the late-row read"))?,
+        };
         let delete_batch = client
             .prepare(&self.ctx.sql.delete_batch)
             .await
             .map_err(Error::pg("preparing the batch delete"))?;
         Ok(Some(Session {
             client,
-            read_batch,
+            read,
             delete_batch,
         }))
     }
@@ -239,7 +245,7 @@ impl Worker<'_> {
             }
             let client = &session.client;
             let batch = match reader
-                .next_batch(client, &self.ctx.sql, &session.read_batch)
+                .next_batch(client, &self.ctx.sql, &session.read)
                 .await
             {
                 Ok(b) => b,

@@ -41,6 +41,9 @@ struct Costs {
     open_window: i64,
     read_batch: i64,
     naive_head: i64,
+    /// Transactions in progress in the previous snapshot: the window queries look each one
+    /// up in the `(xid)` index, a few buffers apiece (other tests' transactions count too).
+    in_progress: i64,
 }
 
 /// Retires `retired` messages while an old snapshot is held, then measures one relay read.
@@ -98,6 +101,15 @@ async fn costs_after(retired: i64) -> Costs {
         .await
         .expect("session setup");
     let sql = outboxd::sql::Statements::new(s);
+    let in_progress: i64 = setup
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot)",
+            &[&previous],
+        )
+        .await
+        .expect("xip")
+        .get(0);
     let poll_windows = buffers(&setup.client, &sql.poll_windows, &format!("'{previous}'")).await;
     let open_window = buffers(&setup.client, &sql.open_window, &format!("0, '{previous}'")).await;
     let (current, min_id): (String, i64) = {
@@ -158,6 +170,7 @@ async fn costs_after(retired: i64) -> Costs {
         open_window,
         read_batch,
         naive_head,
+        in_progress,
     }
 }
 
@@ -166,7 +179,7 @@ async fn read_cost_does_not_grow_with_retired_rows_behind_a_long_transaction() {
     let none = costs_after(0).await;
     let many = costs_after(100_000).await;
     println!(
-        "buffers touched with 0 / 100000 retired rows: poll_windows {} / {}, open_window {} / {}, read_batch {} / {}, delete_batch {} / {}, naive head scan {} / {}",
+        "buffers touched with 0 / 100000 retired rows: poll_windows {} / {}, open_window {} / {}, read_batch {} / {}, delete_batch {} / {}, naive head scan {} / {} ({} transactions in progress)",
         none.poll_windows,
         many.poll_windows,
         none.open_window,
@@ -176,7 +189,8 @@ async fn read_cost_does_not_grow_with_retired_rows_behind_a_long_transaction() {
         none.delete_batch,
         many.delete_batch,
         none.naive_head,
-        many.naive_head
+        many.naive_head,
+        many.in_progress
     );
     assert!(
         many.naive_head > none.naive_head + 300,
@@ -184,17 +198,20 @@ async fn read_cost_does_not_grow_with_retired_rows_behind_a_long_transaction() {
     );
     // An index gains a level or two between 10 and 100,010 entries (each lookup then touches
     // one more page); nothing may grow with the number of retired rows itself.
+    let lookups = 4 * many.in_progress;
     assert!(
-        many.poll_windows <= none.poll_windows * 2 + 10,
-        "poll_windows walks dead rows"
+        many.poll_windows <= none.poll_windows * 2 + 10 + lookups,
+        "poll_windows walks dead rows ({} in progress)",
+        many.in_progress
     );
     assert!(
         many.delete_batch <= none.delete_batch * 2 + 10,
         "delete_batch walks dead rows"
     );
     assert!(
-        many.open_window <= none.open_window * 2 + 10,
-        "open_window walks dead rows"
+        many.open_window <= none.open_window * 2 + 10 + lookups,
+        "open_window walks dead rows ({} in progress)",
+        many.in_progress
     );
     assert!(
         many.read_batch <= none.read_batch * 2 + 10,
@@ -247,4 +264,128 @@ async fn a_fresh_backlog_without_statistics_is_read_in_index_order() {
         "the relay session reads in index order: {relay_session}"
     );
     setup.cleanup().await;
+}
+
+/// Buffers for reading a late transaction's message after `retired` messages with larger
+/// ids were published (deleted) while it was open: the relay's late-row read, and the plain
+/// id-order read from the late id that it replaces, and the number of transactions in
+/// progress in the previous snapshot (each is an `(xid)` index lookup).
+async fn late_read_costs_after(retired: i64) -> (i64, i64, i64) {
+    let setup = Setup::new(1).await;
+    let s: &Schema = &setup.schema;
+    let mut late_client = outbox_testkit::connect().await;
+    let late_tx = late_client.transaction().await.expect("begin");
+    let late_id: i64 = late_tx
+        .query_one(
+            &format!(
+                "INSERT INTO {s}.message (partition, topic, entity_key, payload)
+                 VALUES (0, 't', 'late', '\\x00') RETURNING id"
+            ),
+            &[],
+        )
+        .await
+        .expect("late message")
+        .get(0);
+    // The relay published everything committed so far, up to the highest id: delete it.
+    setup
+        .client
+        .batch_execute(&format!(
+            "INSERT INTO {s}.message (partition, topic, entity_key, payload)
+             SELECT 0, 't', 'e' || (i % 100), convert_to(repeat('x', 300), 'UTF8')
+               FROM generate_series(1, {retired}) i"
+        ))
+        .await
+        .expect("fill");
+    let (previous, high_water): (String, i64) = {
+        let r = setup
+            .client
+            .query_one(
+                &format!(
+                    "SELECT pg_current_snapshot()::text, coalesce(max(id), {late_id}) FROM {s}.message"
+                ),
+                &[],
+            )
+            .await
+            .expect("snapshot");
+        (r.get(0), r.get(1))
+    };
+    setup
+        .client
+        .batch_execute(&format!("DELETE FROM {s}.message; ANALYZE {s}.message"))
+        .await
+        .expect("retire");
+    late_tx.commit().await.expect("late commit");
+    let current: String = setup
+        .client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .expect("snapshot")
+        .get(0);
+    setup
+        .client
+        .batch_execute(outboxd::sql::SESSION_SETUP)
+        .await
+        .expect("session setup");
+    let sql = outboxd::sql::Statements::new(s);
+    let late = buffers(
+        &setup.client,
+        &sql.read_late,
+        &format!(
+            "0, {}, '{current}', 1000, '{previous}', {high_water}",
+            late_id - 1
+        ),
+    )
+    .await;
+    let walk = buffers(
+        &setup.client,
+        &sql.read_batch,
+        &format!("0, {}, '{current}', 1000", late_id - 1),
+    )
+    .await;
+    // The late read finds the row (and only it).
+    let found = setup
+        .client
+        .query(
+            sql.read_late.as_str(),
+            &[
+                &0i32,
+                &(late_id - 1),
+                &current,
+                &1000i64,
+                &previous,
+                &high_water,
+            ],
+        )
+        .await
+        .expect("late read");
+    assert_eq!(found.len(), 1, "the late row is found");
+    assert_eq!(found[0].get::<_, i64>(0), late_id);
+    let in_progress: i64 = setup
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot)",
+            &[&previous],
+        )
+        .await
+        .expect("xip")
+        .get(0);
+    setup.cleanup().await;
+    (late, walk, in_progress)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_is_read_without_walking_the_rows_published_meanwhile() {
+    let (late_none, walk_none, _) = late_read_costs_after(0).await;
+    let (late_many, walk_many, in_progress) = late_read_costs_after(100_000).await;
+    println!(
+        "buffers to read a late commit with 0 / 100000 rows published meanwhile: late-row read {late_none} / {late_many}, id-order walk {walk_none} / {walk_many}"
+    );
+    assert!(
+        walk_many > walk_none + 300,
+        "the hazard is real: the id-order walk steps over the dead rows"
+    );
+    assert!(
+        late_many <= late_none * 2 + 10 + 4 * in_progress,
+        "the late-row read walks dead rows: {late_none} -> {late_many} ({in_progress} in progress)"
+    );
 }
