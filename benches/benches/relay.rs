@@ -80,10 +80,16 @@ fn main() {
     });
 }
 
-/// The relay's defaults, except `BENCH_WAKEUP_MS` (wakeup_interval_ms) when set.
+/// The relay's defaults, except `BENCH_WAKEUP_MS` (wakeup_interval_ms) and
+/// `BENCH_LINGER_MS` (the producer's `linger.ms`) when set.
 fn relay_config(db: &BenchDb) -> outboxd::Config {
     let defaults = outboxd::Config::default();
+    let mut kafka = defaults.kafka.clone();
+    if let Ok(linger) = std::env::var("BENCH_LINGER_MS") {
+        kafka.insert("linger.ms".into(), linger);
+    }
     outboxd::Config {
+        kafka,
         database_url: outbox_testkit::database_url(),
         brokers: outbox_testkit::brokers(),
         schema: db.schema.name().to_owned(),

@@ -199,6 +199,12 @@ pub mod relay {
             let (outbox, topic, times) = (outbox.clone(), topic.to_owned(), times.clone());
             tasks.push(tokio::spawn(async move {
                 let mut client = outbox_testkit::connect().await;
+                // BENCH_PREPARED=1: the writers prepare their statements once, as a tuned
+                // service would; the default sends SQL text (parsed and planned per call).
+                let prepared = match std::env::var("BENCH_PREPARED").as_deref() {
+                    Ok("1") => Some(outbox.prepare(&client).await.expect("prepare")),
+                    _ => None,
+                };
                 let mut ticker = tokio::time::interval(period);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 let end = Instant::now() + duration;
@@ -216,7 +222,11 @@ pub mod relay {
                         })
                         .collect();
                     let tx = client.transaction().await.expect("begin");
-                    let ids = outbox.save_all_in_tx(&tx, &msgs).await.expect("save");
+                    let ids = match &prepared {
+                        Some(p) => p.save_all_in_tx(&tx, &msgs).await,
+                        None => outbox.save_all_in_tx(&tx, &msgs).await,
+                    }
+                    .expect("save");
                     tx.commit().await.expect("commit");
                     let now = Instant::now();
                     let mut t = times.lock().expect("times");

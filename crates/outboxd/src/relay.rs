@@ -1,6 +1,10 @@
 //! The relay: checks the schema, creates the producer, starts the wake-up poller and one
 //! worker per virtual partition, and on shutdown stops reading, lets in-flight batches
 //! finish within the timeout, and flushes the producer. `outboxd run` is a thin wrapper.
+//!
+//! The partition count can change while the relay runs: when the poller finds messages in
+//! a partition without a worker (the count was raised, or entities mapped above a lowered
+//! count write again), the relay starts one for it.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -51,6 +55,9 @@ impl Relay {
     }
 }
 
+/// The most partitions a schema can have (`settings.partition_count` is checked against it).
+const MAX_PARTITIONS: usize = 4096;
+
 async fn run_relay(
     config: Config,
     health: Arc<Health>,
@@ -85,7 +92,13 @@ async fn run_relay(
     let shutdown_timeout = config.shutdown_timeout();
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mailboxes: Vec<Arc<Mailbox>> = (0..partitions).map(|_| Arc::default()).collect();
+    // A mailbox for every partition there can be, so the poller can hand a window to a
+    // partition whose worker starts only then (see `Poller::spawn`).
+    let mailboxes: Vec<Arc<Mailbox>> = (0..MAX_PARTITIONS).map(|_| Arc::default()).collect();
+    let served: Vec<bool> = (0..MAX_PARTITIONS)
+        .map(|p| i32::try_from(p).is_ok_and(|p| p < partitions))
+        .collect();
+    let (spawn_tx, mut spawn_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
     let pulse = Arc::new(PollerPulse::default());
     // Taken before any worker starts, so every later commit reaches a worker in a window.
     let start = initial_state(&control, &sql)
@@ -100,6 +113,8 @@ async fn run_relay(
             interval: config.wakeup_interval(),
             retry: (config.retry_initial(), config.retry_max()),
             mailboxes: mailboxes.clone(),
+            served,
+            spawn: spawn_tx,
             pulse: Arc::clone(&pulse),
             start,
         }
@@ -112,18 +127,36 @@ async fn run_relay(
         config,
         health,
     });
-    for (partition, mailbox) in (0..partitions).zip(mailboxes) {
+    let spawn_worker = |tasks: &mut JoinSet<()>, partition: i32| {
+        let Some(mailbox) = usize::try_from(partition)
+            .ok()
+            .and_then(|p| mailboxes.get(p))
+        else {
+            return;
+        };
         tasks.spawn(run_worker(
             partition,
             Arc::clone(&ctx),
             stop_rx.clone(),
-            mailbox,
+            Arc::clone(mailbox),
             Arc::clone(&pulse),
         ));
+    };
+    for partition in 0..partitions {
+        spawn_worker(&mut tasks, partition);
     }
     tracing::info!(partitions, schema = %schema, "relay started");
 
-    shutdown.await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(partition) = spawn_rx.recv() => {
+                tracing::info!(partition, "messages in a partition without a worker: starting one");
+                spawn_worker(&mut tasks, partition);
+            }
+        }
+    }
     tracing::info!("shutting down: finishing in-flight batches");
     stop_tx.send_replace(true);
     let drained = tokio::time::timeout(shutdown_timeout, async {

@@ -14,8 +14,13 @@ use outbox::Schema;
 /// a retirement lost in a database crash only republishes its batch, a duplicate that
 /// at-least-once delivery allows and consumers drop by `outbox-id`. Waiting would cost one
 /// WAL flush per batch, competing with the application's commits.
+///
+/// TCP keepalives let PostgreSQL notice a relay host that vanished (power loss, network
+/// partition) within about 25 s instead of the kernel's two hours, so the partition locks
+/// its sessions held move to a live instance.
 pub const SESSION_SETUP: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
-     SET jit = off; SET synchronous_commit = off;";
+     SET jit = off; SET synchronous_commit = off; \
+     SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3;";
 
 /// The relay's statements for one schema.
 #[derive(Debug, Clone)]

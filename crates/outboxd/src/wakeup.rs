@@ -120,8 +120,14 @@ pub struct Poller {
     pub interval: Duration,
     /// Reconnect backoff bounds.
     pub retry: (Duration, Duration),
-    /// One mailbox per partition.
+    /// One mailbox per possible partition (`0..MAX_PARTITIONS`).
     pub mailboxes: Vec<Arc<Mailbox>>,
+    /// Partitions with a worker; `spawn` asks for a worker for any other partition the
+    /// poller finds messages in (the partition count was raised, or a lowered count left
+    /// sticky entities above it).
+    pub served: Vec<bool>,
+    /// Where to ask for a new worker.
+    pub spawn: tokio::sync::mpsc::UnboundedSender<i32>,
     /// Where the poller reports that it is alive.
     pub pulse: Arc<PollerPulse>,
     /// From [`initial_state`].
@@ -139,6 +145,8 @@ impl Poller {
             interval,
             retry,
             mailboxes,
+            mut served,
+            spawn,
             pulse,
             start,
         } = self;
@@ -190,11 +198,23 @@ impl Poller {
                         .into_iter()
                         .zip(min_ids.unwrap_or_default())
                     {
-                        if let Some(m) = usize::try_from(p).ok().and_then(|p| mailboxes.get(p)) {
-                            m.offer(Window {
-                                snapshot: snapshot.clone(),
-                                cursor: min_id - 1,
-                            });
+                        let Some(index) = usize::try_from(p).ok().filter(|&i| i < mailboxes.len())
+                        else {
+                            tracing::warn!(
+                                partition = p,
+                                "messages in a partition outside 0..4096 are not relayed"
+                            );
+                            continue;
+                        };
+                        mailboxes[index].offer(Window {
+                            snapshot: snapshot.clone(),
+                            cursor: min_id - 1,
+                        });
+                        if !served[index] {
+                            // The new worker's first window is the whole partition; the
+                            // window left here stays pending and reads nothing twice.
+                            served[index] = true;
+                            let _ = spawn.send(p);
                         }
                     }
                     previous = snapshot;

@@ -105,6 +105,32 @@ pub async fn create_topic(prefix: &str, partitions: i32) -> String {
     name
 }
 
+/// How many records `topic` holds (the sum of its partitions' high watermarks), e.g. to
+/// consume everything when duplicates make the count unknown.
+pub fn topic_size(topic: &str) -> usize {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap_or_else(|e| panic!("creating a Kafka client: {e}"));
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or_default();
+    (0..partitions)
+        .map(|p| {
+            let p = i32::try_from(p).unwrap_or(i32::MAX);
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("watermarks of {topic} [{p}]: {e}"));
+            usize::try_from(high - low).unwrap_or_default()
+        })
+        .sum()
+}
+
 /// One message read back from Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consumed {

@@ -10,4 +10,5 @@ mod late_commit;
 mod outages;
 mod policies;
 mod process;
+mod scaling;
 mod support;

@@ -95,6 +95,15 @@ impl RunningRelay {
     }
 }
 
+impl RunningRelay {
+    /// Ends it abruptly, as a crash would: the task is dropped mid-work, its connections
+    /// close and PostgreSQL releases its partition locks.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
 /// Parses the `outbox-id` header.
 pub fn outbox_id(m: &outbox_testkit::Consumed) -> i64 {
     m.header("outbox-id")

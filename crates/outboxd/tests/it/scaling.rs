@@ -1,0 +1,213 @@
+//! Hazards 3 and 4: the partition count changes while messages flow, and several relay
+//! instances share one schema. Per-entity order must survive both, and no message may be
+//! stranded in a partition no worker serves.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use outboxd::health::PartitionState;
+
+use crate::support::{RunningRelay, Setup, wait_until, write_messages};
+
+/// `count` messages for each of `entities`, round-robin, each in its own transaction.
+fn round_robin(prefix: &str, entities: usize, count: usize) -> Vec<(String, Vec<u8>)> {
+    (0..count)
+        .map(|i| {
+            (
+                format!("{prefix}-{}", i % entities),
+                format!("{prefix}-{i}").into_bytes(),
+            )
+        })
+        .collect()
+}
+
+fn merge(into: &mut HashMap<String, Vec<i64>>, from: HashMap<String, Vec<i64>>) {
+    for (k, v) in from {
+        into.entry(k).or_default().extend(v);
+    }
+}
+
+async fn partitions_in_use(setup: &Setup) -> Vec<i32> {
+    setup
+        .client
+        .query(
+            &format!(
+                "SELECT DISTINCT partition FROM {}.entity_partition ORDER BY 1",
+                setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("mappings")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_partition_count_while_relaying_serves_the_new_partitions() {
+    let setup = Setup::new(2).await;
+    let topic = outbox_testkit::create_topic("grow", 4).await;
+    let relay = RunningRelay::start(setup.relay_config());
+    let mut expected = write_messages(&setup.outbox, &topic, &round_robin("old", 10, 60)).await;
+    setup
+        .client
+        .execute(
+            &format!("UPDATE {}.settings SET partition_count = 16", setup.schema),
+            &[],
+        )
+        .await
+        .expect("raise the count");
+    // Old entities stay where they are; new ones spread over all 16 partitions.
+    let mut mixed = round_robin("new", 40, 120);
+    mixed.extend(round_robin("old", 10, 40));
+    merge(
+        &mut expected,
+        write_messages(&setup.outbox, &topic, &mixed).await,
+    );
+    let used = partitions_in_use(&setup).await;
+    assert!(
+        used.iter().any(|&p| p >= 2),
+        "new entities landed in new partitions: {used:?}"
+    );
+
+    wait_until(Duration::from_secs(60), "every message retired", || async {
+        setup.remaining().await == 0
+    })
+    .await;
+    relay.stop().await;
+    let consumed = outbox_testkit::consume(&topic, 220, Duration::from_secs(60));
+    assert_eq!(consumed.len(), 220);
+    outbox_testkit::assert_dedup_order(&consumed, &expected);
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entities_above_a_lowered_count_are_still_relayed_after_a_restart() {
+    let setup = Setup::new(16).await;
+    let topic = outbox_testkit::create_topic("shrink", 4).await;
+    let relay = RunningRelay::start(setup.relay_config());
+    let mut expected = write_messages(&setup.outbox, &topic, &round_robin("e", 40, 80)).await;
+    wait_until(
+        Duration::from_secs(60),
+        "first messages retired",
+        || async { setup.remaining().await == 0 },
+    )
+    .await;
+    relay.stop().await;
+    assert!(
+        partitions_in_use(&setup).await.iter().any(|&p| p >= 2),
+        "some entities live above the lowered count"
+    );
+    setup
+        .client
+        .execute(
+            &format!("UPDATE {}.settings SET partition_count = 2", setup.schema),
+            &[],
+        )
+        .await
+        .expect("lower the count");
+
+    // A relay started now sees 2 partitions and an empty queue; the entities mapped above
+    // them keep their partitions (sticky) and must still be relayed.
+    let relay = RunningRelay::start(setup.relay_config());
+    let mut more = round_robin("e", 40, 80);
+    more.extend(round_robin("fresh", 10, 20));
+    merge(
+        &mut expected,
+        write_messages(&setup.outbox, &topic, &more).await,
+    );
+    wait_until(Duration::from_secs(60), "every message retired", || async {
+        setup.remaining().await == 0
+    })
+    .await;
+    relay.stop().await;
+    let fresh_partitions: Vec<i32> = setup
+        .client
+        .query(
+            &format!(
+                "SELECT DISTINCT partition FROM {}.entity_partition WHERE entity_key LIKE 'fresh-%'",
+                setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("fresh mappings")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        fresh_partitions.iter().all(|&p| p < 2),
+        "new entities use the lowered count: {fresh_partitions:?}"
+    );
+    let consumed = outbox_testkit::consume(&topic, 180, Duration::from_secs(60));
+    assert_eq!(consumed.len(), 180);
+    outbox_testkit::assert_dedup_order(&consumed, &expected);
+    setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_partitions_and_one_takes_over_when_the_other_dies() {
+    let setup = Setup::new(8).await;
+    let topic = outbox_testkit::create_topic("pair", 4).await;
+    let config = outboxd::Config {
+        // Instances re-check partitions owned elsewhere every retry_max.
+        retry_max_ms: 300,
+        ..setup.relay_config()
+    };
+    let first = RunningRelay::start(config.clone());
+    let relaying = |r: &RunningRelay, p: i32| r.state(p) == Some(PartitionState::Relaying);
+    wait_until(
+        Duration::from_secs(30),
+        "the first instance owns its partitions",
+        || async { (0..8).all(|p| relaying(&first, p)) },
+    )
+    .await;
+    let second = RunningRelay::start(config);
+    let mut expected = write_messages(&setup.outbox, &topic, &round_robin("a", 20, 100)).await;
+    wait_until(
+        Duration::from_secs(60),
+        "first messages retired",
+        || async { setup.remaining().await == 0 },
+    )
+    .await;
+    // Every partition is relayed by exactly one instance; the other stands by.
+    for p in 0..8 {
+        assert!(relaying(&first, p), "partition {p} stays with its owner");
+        assert_eq!(
+            second.state(p),
+            Some(PartitionState::OwnedElsewhere),
+            "partition {p} is not read twice"
+        );
+    }
+
+    // The first one dies mid-stream; the second takes its partitions over.
+    let writer = {
+        let (outbox, topic) = (setup.outbox.clone(), topic.clone());
+        tokio::spawn(
+            async move { write_messages(&outbox, &topic, &round_robin("a", 20, 300)).await },
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.kill().await;
+    merge(&mut expected, writer.await.expect("writer"));
+    wait_until(Duration::from_secs(60), "every message retired", || async {
+        setup.remaining().await == 0
+    })
+    .await;
+    assert!(
+        (0..8).all(|p| relaying(&second, p)),
+        "the survivor relays every partition"
+    );
+    second.stop().await;
+    let records = outbox_testkit::topic_size(&topic);
+    assert!(records >= 400, "at least once: {records} records");
+    let consumed = outbox_testkit::consume(&topic, records, Duration::from_secs(60));
+    assert_eq!(consumed.len(), records);
+    let duplicates = outbox_testkit::assert_dedup_order(&consumed, &expected);
+    println!(
+        "two instances, one killed: {} consumed, {duplicates} duplicates dropped",
+        consumed.len()
+    );
+    setup.cleanup().await;
+}
