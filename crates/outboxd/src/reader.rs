@@ -16,7 +16,9 @@
 //! those at or below the highest id already published. Every row committed in the previous
 //! window's snapshot up to that id is published, so the late rows are among those of
 //! transactions in progress in that snapshot or started after it, which the `(xid)` index
-//! finds directly. Then the rest is read in id order from that highest id. Both parts are in id
+//! finds directly. Then the rest is read in id order from that highest id. (Only when the
+//! late part spans more than `LATE_READ_MIN_GAP` ids: a shorter walk is cheaper than the
+//! extra query.) Both parts are in id
 //! order and the first ends where the second begins, so together they are the window in id
 //! order.
 //!
@@ -94,6 +96,11 @@ pub struct PartitionReader {
     /// through the `(xid)` index.
     late: Option<LateRows>,
 }
+
+/// Below this many ids between a window's start and the high-water mark, the window is
+/// walked in id order (at most this many index entries, dead or alive); above it, its late
+/// rows are looked up through the `(xid)` index first.
+const LATE_READ_MIN_GAP: i64 = 1000;
 
 /// The late part of a window: rows with ids in `(cursor, until]` that were committed after
 /// `previous` was taken.
@@ -275,9 +282,11 @@ impl PartitionReader {
                 }
                 None => None,
             };
-            // Rows below the high-water mark not yet published can only be late ones.
+            // Rows below the high-water mark not yet published can only be late ones. A
+            // small gap (writers committing slightly out of id order, all the time) is
+            // cheaper to walk than to look up with a second query.
             self.late = match (&window, self.high_water) {
-                (Some(w), Some(until)) if w.cursor < until => Some(LateRows {
+                (Some(w), Some(until)) if until - w.cursor > LATE_READ_MIN_GAP => Some(LateRows {
                     previous: prev,
                     until,
                 }),

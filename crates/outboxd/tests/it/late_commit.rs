@@ -10,6 +10,20 @@ use crate::support::{RunningRelay, Setup, outbox_id};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_id_committed_late_is_published_and_in_order() {
+    // 50 later ids: the late window is walked in id order.
+    late_commit_after(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_far_behind_the_head_is_read_through_the_xid_index_in_order() {
+    // 1,250 later ids: the late rows are read first, through the (xid) index.
+    late_commit_after(25).await;
+}
+
+/// A transaction writes one message, stays open while 50 transactions of `per_tx`
+/// messages each are published, then commits; the entity writes once more.
+async fn late_commit_after(per_tx: usize) {
+    let others = 50 * per_tx;
     // One partition: the late message and the others share one reader and one cursor.
     let setup = Setup::new(1).await;
     let topic = outbox_testkit::create_topic("late", 3).await;
@@ -32,21 +46,21 @@ async fn a_small_id_committed_late_is_published_and_in_order() {
     let mut writer = outbox_testkit::connect().await;
     for i in 0..50 {
         let tx = writer.transaction().await.expect("begin");
-        let id = setup
+        let batch: Vec<Message> = (0..per_tx)
+            .map(|j| msg(&format!("other-{}", i % 5), &format!("other-{i}-{j}")))
+            .collect();
+        let ids = setup
             .outbox
-            .save_in_tx(
-                &tx,
-                &msg(&format!("other-{}", i % 5), &format!("other-{i}")),
-            )
+            .save_all_in_tx(&tx, &batch)
             .await
             .expect("save");
-        assert!(id > late_id);
+        assert!(ids.iter().all(|&id| id > late_id));
         tx.commit().await.expect("commit");
     }
-    let first = outbox_testkit::consume(&topic, 50, Duration::from_secs(60));
+    let first = outbox_testkit::consume(&topic, others, Duration::from_secs(60));
     assert_eq!(
         first.len(),
-        50,
+        others,
         "the later ids are published while the early one is open"
     );
     assert!(first.iter().all(|m| outbox_id(m) > late_id));
@@ -60,11 +74,11 @@ async fn a_small_id_committed_late_is_published_and_in_order() {
         .expect("save");
     tx.commit().await.expect("commit");
 
-    let all = outbox_testkit::consume(&topic, 52, Duration::from_secs(60));
+    let all = outbox_testkit::consume(&topic, others + 2, Duration::from_secs(60));
     relay.stop().await;
     assert_eq!(
         all.len(),
-        52,
+        others + 2,
         "the late message and the one after it arrive"
     );
     let late: Vec<(i64, Vec<u8>)> = all
