@@ -31,6 +31,35 @@ async fn buffers(client: &tokio_postgres::Client, sql: &str, args: &str) -> i64 
     top["Shared Hit Blocks"].as_i64().unwrap_or(0) + top["Shared Read Blocks"].as_i64().unwrap_or(0)
 }
 
+/// How many transactions were in progress in `snapshot`: the window queries look each one
+/// up in the `(xid)` index, a few buffers apiece (other tests' transactions count too).
+async fn in_progress(client: &tokio_postgres::Client, snapshot: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot)",
+            &[&snapshot],
+        )
+        .await
+        .expect("xip")
+        .get(0)
+}
+
+async fn current_snapshot(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .expect("snapshot")
+        .get(0)
+}
+
+/// Applies the relay's session settings, to measure statements as the relay runs them.
+async fn relay_session(client: &tokio_postgres::Client) {
+    client
+        .batch_execute(outboxd::sql::SESSION_SETUP)
+        .await
+        .expect("session setup");
+}
+
 fn rand_suffix() -> u32 {
     rand::random()
 }
@@ -72,12 +101,7 @@ async fn costs_after(retired: i64) -> Costs {
         .batch_execute(&insert(retired))
         .await
         .expect("fill");
-    let previous: String = setup
-        .client
-        .query_one("SELECT pg_current_snapshot()::text", &[])
-        .await
-        .expect("snap")
-        .get(0);
+    let previous: String = current_snapshot(&setup.client).await;
     setup
         .client
         .batch_execute(&format!("DELETE FROM {s}.message"))
@@ -95,21 +119,9 @@ async fn costs_after(retired: i64) -> Costs {
         .expect("analyze");
 
     // Measure as the relay runs them: in a relay session.
-    setup
-        .client
-        .batch_execute(outboxd::sql::SESSION_SETUP)
-        .await
-        .expect("session setup");
+    relay_session(&setup.client).await;
     let sql = outboxd::sql::Statements::new(s);
-    let in_progress: i64 = setup
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot)",
-            &[&previous],
-        )
-        .await
-        .expect("xip")
-        .get(0);
+    let in_progress = in_progress(&setup.client, &previous).await;
     let poll_windows = buffers(&setup.client, &sql.poll_windows, &format!("'{previous}'")).await;
     let open_window = buffers(&setup.client, &sql.open_window, &format!("0, '{previous}'")).await;
     let (current, min_id): (String, i64) = {
@@ -236,19 +248,10 @@ async fn a_fresh_backlog_without_statistics_is_read_in_index_order() {
         .await
         .expect("backlog");
     let sql = outboxd::sql::Statements::new(s);
-    let snapshot: String = setup
-        .client
-        .query_one("SELECT pg_current_snapshot()::text", &[])
-        .await
-        .expect("snap")
-        .get(0);
+    let snapshot: String = current_snapshot(&setup.client).await;
     let args = format!("0, 0, '{snapshot}', 1000");
     let planner_default = buffers(&setup.client, &sql.read_batch, &args).await;
-    setup
-        .client
-        .batch_execute(outboxd::sql::SESSION_SETUP)
-        .await
-        .expect("session setup");
+    relay_session(&setup.client).await;
     let relay_session = buffers(&setup.client, &sql.read_batch, &args).await;
     println!(
         "buffers for one 1000-row batch of a 100000-row fresh backlog: planner default {planner_default}, relay session {relay_session}"
@@ -315,17 +318,8 @@ async fn late_read_costs_after(retired: i64) -> (i64, i64, i64) {
         .await
         .expect("retire");
     late_tx.commit().await.expect("late commit");
-    let current: String = setup
-        .client
-        .query_one("SELECT pg_current_snapshot()::text", &[])
-        .await
-        .expect("snapshot")
-        .get(0);
-    setup
-        .client
-        .batch_execute(outboxd::sql::SESSION_SETUP)
-        .await
-        .expect("session setup");
+    let current: String = current_snapshot(&setup.client).await;
+    relay_session(&setup.client).await;
     let sql = outboxd::sql::Statements::new(s);
     let late = buffers(
         &setup.client,
@@ -360,15 +354,7 @@ async fn late_read_costs_after(retired: i64) -> (i64, i64, i64) {
         .expect("late read");
     assert_eq!(found.len(), 1, "the late row is found");
     assert_eq!(found[0].get::<_, i64>(0), late_id);
-    let in_progress: i64 = setup
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot)",
-            &[&previous],
-        )
-        .await
-        .expect("xip")
-        .get(0);
+    let in_progress = in_progress(&setup.client, &previous).await;
     setup.cleanup().await;
     (late, walk, in_progress)
 }

@@ -27,15 +27,23 @@ fn merge(into: &mut HashMap<String, Vec<i64>>, from: HashMap<String, Vec<i64>>) 
     }
 }
 
-async fn partitions_in_use(setup: &Setup) -> Vec<i32> {
+/// Reads `count` messages back from `topic` and checks each entity's order.
+fn assert_relayed(topic: &str, count: usize, expected: &HashMap<String, Vec<i64>>) {
+    let consumed = outbox_testkit::consume(topic, count, Duration::from_secs(60));
+    assert_eq!(consumed.len(), count);
+    outbox_testkit::assert_dedup_order(&consumed, expected);
+}
+
+/// The partitions of the entities whose key is `LIKE pattern`.
+async fn partitions_of(setup: &Setup, pattern: &str) -> Vec<i32> {
     setup
         .client
         .query(
             &format!(
-                "SELECT DISTINCT partition FROM {}.entity_partition ORDER BY 1",
+                "SELECT DISTINCT partition FROM {}.entity_partition WHERE entity_key LIKE $1 ORDER BY 1",
                 setup.schema
             ),
-            &[],
+            &[&pattern],
         )
         .await
         .expect("mappings")
@@ -65,20 +73,15 @@ async fn raising_the_partition_count_while_relaying_serves_the_new_partitions() 
         &mut expected,
         write_messages(&setup.outbox, &topic, &mixed).await,
     );
-    let used = partitions_in_use(&setup).await;
+    let used = partitions_of(&setup, "%").await;
     assert!(
         used.iter().any(|&p| p >= 2),
         "new entities landed in new partitions: {used:?}"
     );
 
-    wait_until(Duration::from_secs(60), "every message retired", || async {
-        setup.remaining().await == 0
-    })
-    .await;
+    setup.wait_drained("every message retired").await;
     relay.stop().await;
-    let consumed = outbox_testkit::consume(&topic, 220, Duration::from_secs(60));
-    assert_eq!(consumed.len(), 220);
-    outbox_testkit::assert_dedup_order(&consumed, &expected);
+    assert_relayed(&topic, 220, &expected);
     setup.cleanup().await;
 }
 
@@ -88,15 +91,10 @@ async fn entities_above_a_lowered_count_are_still_relayed_after_a_restart() {
     let topic = outbox_testkit::create_topic("shrink", 4).await;
     let relay = RunningRelay::start(setup.relay_config());
     let mut expected = write_messages(&setup.outbox, &topic, &round_robin("e", 40, 80)).await;
-    wait_until(
-        Duration::from_secs(60),
-        "first messages retired",
-        || async { setup.remaining().await == 0 },
-    )
-    .await;
+    setup.wait_drained("first messages retired").await;
     relay.stop().await;
     assert!(
-        partitions_in_use(&setup).await.iter().any(|&p| p >= 2),
+        partitions_of(&setup, "%").await.iter().any(|&p| p >= 2),
         "some entities live above the lowered count"
     );
     setup
@@ -117,32 +115,14 @@ async fn entities_above_a_lowered_count_are_still_relayed_after_a_restart() {
         &mut expected,
         write_messages(&setup.outbox, &topic, &more).await,
     );
-    wait_until(Duration::from_secs(60), "every message retired", || async {
-        setup.remaining().await == 0
-    })
-    .await;
+    setup.wait_drained("every message retired").await;
     relay.stop().await;
-    let fresh_partitions: Vec<i32> = setup
-        .client
-        .query(
-            &format!(
-                "SELECT DISTINCT partition FROM {}.entity_partition WHERE entity_key LIKE 'fresh-%'",
-                setup.schema
-            ),
-            &[],
-        )
-        .await
-        .expect("fresh mappings")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let fresh_partitions = partitions_of(&setup, "fresh-%").await;
     assert!(
         fresh_partitions.iter().all(|&p| p < 2),
         "new entities use the lowered count: {fresh_partitions:?}"
     );
-    let consumed = outbox_testkit::consume(&topic, 180, Duration::from_secs(60));
-    assert_eq!(consumed.len(), 180);
-    outbox_testkit::assert_dedup_order(&consumed, &expected);
+    assert_relayed(&topic, 180, &expected);
     setup.cleanup().await;
 }
 
@@ -165,12 +145,7 @@ async fn two_instances_share_the_partitions_and_one_takes_over_when_the_other_di
     .await;
     let second = RunningRelay::start(config);
     let mut expected = write_messages(&setup.outbox, &topic, &round_robin("a", 20, 100)).await;
-    wait_until(
-        Duration::from_secs(60),
-        "first messages retired",
-        || async { setup.remaining().await == 0 },
-    )
-    .await;
+    setup.wait_drained("first messages retired").await;
     // Every partition is relayed by exactly one instance; the other stands by.
     for p in 0..8 {
         assert!(relaying(&first, p), "partition {p} stays with its owner");
@@ -191,10 +166,7 @@ async fn two_instances_share_the_partitions_and_one_takes_over_when_the_other_di
     tokio::time::sleep(Duration::from_millis(300)).await;
     first.kill().await;
     merge(&mut expected, writer.await.expect("writer"));
-    wait_until(Duration::from_secs(60), "every message retired", || async {
-        setup.remaining().await == 0
-    })
-    .await;
+    setup.wait_drained("every message retired").await;
     assert!(
         (0..8).all(|p| relaying(&second, p)),
         "the survivor relays every partition"

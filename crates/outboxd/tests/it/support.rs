@@ -56,6 +56,14 @@ impl Setup {
             .get(0)
     }
 
+    /// Waits until every message was retired (published and deleted).
+    pub async fn wait_drained(&self, what: &str) {
+        wait_until(Duration::from_secs(60), what, || async {
+            self.remaining().await == 0
+        })
+        .await;
+    }
+
     pub async fn cleanup(self) {
         outbox_testkit::drop_schema(&self.client, self.schema.name()).await;
     }
