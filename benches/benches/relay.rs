@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use outbox::Message;
 use outbox_benches::BenchDb;
 use outbox_benches::relay::{
-    CommitTimes, consumer, fill, latency_percentiles, paced_writers, receive_times, start_relay,
-    topic_size,
+    CommitTimes, append_percentiles, consumer, fill, latency_percentiles, paced_writers,
+    receive_times, start_relay, topic_size,
 };
 
 const BACKLOG: u64 = 1_000_000;
@@ -225,12 +225,23 @@ async fn throughput(hold_transactions: bool) -> f64 {
 async fn latency(rate: u64, duration: Duration) {
     let db = BenchDb::new("bench_latency", 1).await;
     bench_partitions(&db).await;
-    let topic = outbox_testkit::create_topic("bench-latency", KAFKA_PARTITIONS).await;
+    let topic = latency_topic("bench-latency").await;
     let (stop, task) = start_relay(relay_config(&db));
     stream_and_report("latency", &db, &topic, rate, duration).await;
     let _ = stop.send(());
     task.await.expect("relay task").expect("relay");
     db.drop().await;
+}
+
+/// A topic whose records carry the broker's append time, so the probe can tell the
+/// commit-to-acknowledgement part of the latency from the consumer's fetch.
+async fn latency_topic(prefix: &str) -> String {
+    outbox_testkit::create_topic_with(
+        prefix,
+        KAFKA_PARTITIONS,
+        &[("message.timestamp.type", "LogAppendTime")],
+    )
+    .await
 }
 
 async fn stream_and_report(label: &str, db: &BenchDb, topic: &str, rate: u64, duration: Duration) {
@@ -244,6 +255,7 @@ async fn stream_and_report(label: &str, db: &BenchDb, topic: &str, rate: u64, du
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
+    let anchor = (Instant::now(), std::time::SystemTime::now());
     let written = paced_writers(&db.outbox, topic, rate, per_tx, 4, duration, times.clone()).await;
     done.store(true, Ordering::SeqCst);
     let received = tokio::task::spawn_blocking(move || receiver.join().expect("receiver"))
@@ -254,6 +266,10 @@ async fn stream_and_report(label: &str, db: &BenchDb, topic: &str, rate: u64, du
         "[{label}] {written} messages offered at {rate}/s ({per_tx} per transaction, 4 writers) for {} s = {:.0}/s achieved; {n} matched; commit-to-consume ms: p50 {p50:.1}, p90 {p90:.1}, p99 {p99:.1}, p99.9 {p999:.1}, max {max:.1}",
         duration.as_secs(),
         written as f64 / duration.as_secs_f64()
+    );
+    let (n, [p50, p90, p99, p999, max]) = append_percentiles(&times, &received, anchor);
+    println!(
+        "[{label}] commit-to-append (the broker's LogAppendTime, ms resolution; the ack is this plus the response's trip) over {n}: p50 {p50:.1}, p90 {p90:.1}, p99 {p99:.1}, p99.9 {p999:.1}, max {max:.1}"
     );
 }
 
@@ -271,7 +287,7 @@ async fn long_tx() {
 async fn long_stream(duration: Duration) {
     let db = BenchDb::new("bench_long_stream", 1).await;
     bench_partitions(&db).await;
-    let topic = outbox_testkit::create_topic("bench-long", KAFKA_PARTITIONS).await;
+    let topic = latency_topic("bench-long").await;
     let mut idle = outbox_testkit::connect().await;
     let mut late = outbox_testkit::connect().await;
     let (t1, t2, _) = hold_transactions_open(&mut idle, &mut late, &db, &topic).await;

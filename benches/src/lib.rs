@@ -181,6 +181,19 @@ pub mod relay {
     /// Commit instants by message id, filled by paced writers.
     pub type CommitTimes = Arc<Mutex<HashMap<i64, Instant>>>;
 
+    /// One message as the latency probe received it.
+    pub struct Received {
+        /// Its `outbox-id`.
+        pub id: i64,
+        /// When the consumer got it.
+        pub at: Instant,
+        /// The record's Kafka timestamp in ms since the epoch: with the topic config
+        /// `message.timestamp.type=LogAppendTime`, when the broker appended it, which for
+        /// this single broker with `acks=all` is when the relay's produce was acknowledged
+        /// (less the response's trip back).
+        pub broker_ms: Option<i64>,
+    }
+
     /// Writes `rate` messages per second for `duration`, `per_tx` messages per transaction,
     /// spread over `writers` connections; records when each message's commit returned.
     pub async fn paced_writers(
@@ -250,7 +263,7 @@ pub mod relay {
         brokers: String,
         topic: String,
         stop: Arc<std::sync::atomic::AtomicBool>,
-    ) -> std::thread::JoinHandle<Vec<(i64, Instant)>> {
+    ) -> std::thread::JoinHandle<Vec<Received>> {
         std::thread::spawn(move || {
             let c = consumer(&brokers);
             c.subscribe(&[&topic]).expect("subscribe");
@@ -270,7 +283,11 @@ pub mod relay {
                             })
                             .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
                         {
-                            out.push((id, now));
+                            out.push(Received {
+                                id,
+                                at: now,
+                                broker_ms: m.timestamp().to_millis(),
+                            });
                         }
                     }
                     _ => {
@@ -287,27 +304,62 @@ pub mod relay {
     }
 
     /// Percentiles (ms) of receive - commit over the messages seen by both sides.
-    pub fn latency_percentiles(
+    pub fn latency_percentiles(times: &CommitTimes, received: &[Received]) -> (usize, [f64; 5]) {
+        let commits = times.lock().expect("times");
+        percentiles(
+            received
+                .iter()
+                .filter_map(|r| {
+                    commits
+                        .get(&r.id)
+                        .map(|c| r.at.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+                })
+                .collect(),
+        )
+    }
+
+    /// Percentiles (ms) of the broker's append time - commit, over the messages whose
+    /// record carries a timestamp; commit instants are placed on the wall clock through
+    /// `anchor` (an `Instant` and the `SystemTime` read right after it). The broker's
+    /// timestamps have millisecond resolution.
+    pub fn append_percentiles(
         times: &CommitTimes,
-        received: &[(i64, Instant)],
+        received: &[Received],
+        anchor: (Instant, std::time::SystemTime),
     ) -> (usize, [f64; 5]) {
         let commits = times.lock().expect("times");
-        let mut lat: Vec<f64> = received
-            .iter()
-            .filter_map(|(id, at)| {
-                commits
-                    .get(id)
-                    .map(|c| at.saturating_duration_since(*c).as_secs_f64() * 1000.0)
-            })
-            .collect();
-        lat.sort_by(|a, b| a.total_cmp(b));
+        let epoch_ms = |i: &Instant| {
+            let wall = if *i >= anchor.0 {
+                anchor.1 + i.duration_since(anchor.0)
+            } else {
+                anchor.1 - anchor.0.duration_since(*i)
+            };
+            wall.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64() * 1000.0)
+                .unwrap_or(f64::NAN)
+        };
+        percentiles(
+            received
+                .iter()
+                .filter_map(|r| {
+                    let commit = commits.get(&r.id)?;
+                    Some((r.broker_ms? as f64 - epoch_ms(commit)).max(0.0))
+                })
+                .collect(),
+        )
+    }
+
+    /// p50, p90, p99, p99.9 and max of `values`, with their count.
+    pub fn percentiles(mut values: Vec<f64>) -> (usize, [f64; 5]) {
+        values.sort_by(|a, b| a.total_cmp(b));
         let pick = |q: f64| {
-            lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+            values
+                .get(((values.len() as f64 - 1.0) * q).round() as usize)
                 .copied()
                 .unwrap_or(f64::NAN)
         };
         (
-            lat.len(),
+            values.len(),
             [pick(0.5), pick(0.9), pick(0.99), pick(0.999), pick(1.0)],
         )
     }

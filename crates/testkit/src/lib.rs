@@ -80,6 +80,11 @@ pub fn try_kafka(brokers: &str, timeout: Duration) -> Result<(), String> {
 /// Creates a fresh topic with `partitions` partitions and returns its name; panics with a
 /// hint when Kafka is not running.
 pub async fn create_topic(prefix: &str, partitions: i32) -> String {
+    create_topic_with(prefix, partitions, &[]).await
+}
+
+/// [`create_topic`] with topic configs, e.g. `("message.timestamp.type", "LogAppendTime")`.
+pub async fn create_topic_with(prefix: &str, partitions: i32, configs: &[(&str, &str)]) -> String {
     let brokers = brokers();
     if let Err(msg) = try_kafka(&brokers, Duration::from_secs(10)) {
         panic!("{msg}");
@@ -89,7 +94,10 @@ pub async fn create_topic(prefix: &str, partitions: i32) -> String {
         .set("bootstrap.servers", &brokers)
         .create()
         .unwrap_or_else(|e| panic!("creating a Kafka admin client: {e}"));
-    let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+    let topic = configs.iter().fold(
+        NewTopic::new(&name, partitions, TopicReplication::Fixed(1)),
+        |t, (k, v)| t.set(k, v),
+    );
     let results = admin
         .create_topics(
             [&topic],
