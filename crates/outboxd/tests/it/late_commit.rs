@@ -94,3 +94,73 @@ async fn late_commit_after(per_tx: usize) {
     assert_eq!(setup.remaining().await, 0);
     setup.cleanup().await;
 }
+
+/// Many late commits at once: slow transactions stay open for 50-250 ms while a bulk writer
+/// takes thousands of ids, so their windows start far below the head and take the
+/// late-row path, interleaved with ordinary windows. Every entity must arrive complete and
+/// in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_late_commits_under_load_keep_every_entity_complete_and_in_order() {
+    let setup = Setup::new(4).await;
+    let topic = outbox_testkit::create_topic("late-load", 4).await;
+    let relay = RunningRelay::start(setup.relay_config());
+    let msg = |topic: &str, entity: &str, body: String| {
+        Message::builder(topic, entity)
+            .payload(body.into_bytes())
+            .build()
+            .expect("valid")
+    };
+    let bulk = {
+        let (outbox, topic) = (setup.outbox.clone(), topic.clone());
+        tokio::spawn(async move {
+            let mut client = outbox_testkit::connect().await;
+            let mut ids: std::collections::HashMap<String, Vec<i64>> = Default::default();
+            for round in 0..60 {
+                let batch: Vec<Message> = (0..100)
+                    .map(|i| msg(&topic, &format!("bulk-{}", i % 50), format!("{round}-{i}")))
+                    .collect();
+                let tx = client.transaction().await.expect("begin");
+                let saved = outbox.save_all_in_tx(&tx, &batch).await.expect("save");
+                tx.commit().await.expect("commit");
+                for (m, id) in batch.iter().zip(saved) {
+                    ids.entry(m.entity_key().to_owned()).or_default().push(id);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            ids
+        })
+    };
+    let mut slow = Vec::new();
+    for k in 0..8u64 {
+        let (outbox, topic) = (setup.outbox.clone(), topic.clone());
+        slow.push(tokio::spawn(async move {
+            let mut client = outbox_testkit::connect().await;
+            let entity = format!("slow-{k}");
+            let mut ids = Vec::new();
+            for n in 0..6u64 {
+                let tx = client.transaction().await.expect("begin");
+                let id = outbox
+                    .save_in_tx(&tx, &msg(&topic, &entity, format!("{n}")))
+                    .await
+                    .expect("save");
+                tokio::time::sleep(Duration::from_millis(50 + (k * 37 + n * 53) % 200)).await;
+                tx.commit().await.expect("commit");
+                ids.push(id);
+            }
+            (entity, ids)
+        }));
+    }
+    let mut expected = bulk.await.expect("bulk writer");
+    for s in slow {
+        let (entity, ids) = s.await.expect("slow writer");
+        expected.insert(entity, ids);
+    }
+    let total: usize = expected.values().map(Vec::len).sum();
+    assert_eq!(total, 6000 + 48);
+    setup.wait_drained("every message retired").await;
+    relay.stop().await;
+    let consumed = outbox_testkit::consume(&topic, total, Duration::from_secs(60));
+    assert_eq!(consumed.len(), total);
+    outbox_testkit::assert_dedup_order(&consumed, &expected);
+    setup.cleanup().await;
+}
