@@ -36,6 +36,13 @@ pub struct Config {
     /// How long, after SIGTERM/SIGINT, in-flight batches may take to finish, in ms.
     /// Default: 10000.
     pub shutdown_timeout_ms: u64,
+    /// How often idle sticky mappings are forgotten, in ms; 0 turns the cleanup off.
+    /// Default: 60000.
+    pub mapping_cleanup_interval_ms: u64,
+    /// Age after which the mapping of an entity with no message waiting is forgotten (its
+    /// next message maps it again under the current count), in seconds. Mappings above the
+    /// partition count are forgotten as soon as nothing waits. Default: 86400.
+    pub mapping_ttl_s: u64,
     /// Address for the HTTP endpoints `/metrics` (Prometheus) and `/health`, e.g.
     /// `127.0.0.1:9464`; empty disables them. Default: empty.
     pub http_listen: String,
@@ -110,6 +117,8 @@ impl Default for Config {
             retry_initial_ms: 100,
             retry_max_ms: 10_000,
             shutdown_timeout_ms: 10_000,
+            mapping_cleanup_interval_ms: 60_000,
+            mapping_ttl_s: 86_400,
             http_listen: String::new(),
             on_error: ErrorPolicy::Block,
             topics: BTreeMap::new(),

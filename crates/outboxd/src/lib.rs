@@ -23,6 +23,7 @@ pub mod config;
 mod error;
 pub mod health;
 pub mod http;
+pub mod mappings;
 pub mod metrics;
 pub mod publisher;
 pub mod reader;

@@ -50,6 +50,12 @@ struct Cli {
     /// Time in-flight batches get after SIGTERM/SIGINT, in ms [default: 10000].
     #[arg(long, env = "OUTBOXD_SHUTDOWN_TIMEOUT_MS", global = true)]
     shutdown_timeout_ms: Option<u64>,
+    /// How often idle sticky mappings are forgotten, in ms; 0 = never [default: 60000].
+    #[arg(long, env = "OUTBOXD_MAPPING_CLEANUP_INTERVAL_MS", global = true)]
+    mapping_cleanup_interval_ms: Option<u64>,
+    /// Age after which an idle entity's mapping is forgotten, in s [default: 86400].
+    #[arg(long, env = "OUTBOXD_MAPPING_TTL_S", global = true)]
+    mapping_ttl_s: Option<u64>,
     /// Address for /metrics and /health, e.g. 127.0.0.1:9464 [default: off].
     #[arg(long, env = "OUTBOXD_HTTP_LISTEN", global = true)]
     http_listen: Option<String>,
@@ -122,6 +128,12 @@ impl Cli {
         }
         if let Some(v) = self.shutdown_timeout_ms {
             config.shutdown_timeout_ms = v;
+        }
+        if let Some(v) = self.mapping_cleanup_interval_ms {
+            config.mapping_cleanup_interval_ms = v;
+        }
+        if let Some(v) = self.mapping_ttl_s {
+            config.mapping_ttl_s = v;
         }
         if let Some(v) = &self.http_listen {
             config.http_listen = v.clone();

@@ -120,6 +120,16 @@ async fn run_relay(
         }
         .run(stop_rx.clone()),
     );
+    if config.mapping_cleanup_interval_ms > 0 {
+        tasks.spawn(crate::mappings::run_cleanup(
+            pg_config.clone(),
+            sql.clone(),
+            std::time::Duration::from_millis(config.mapping_cleanup_interval_ms),
+            std::time::Duration::from_secs(config.mapping_ttl_s),
+            (config.retry_initial(), config.retry_max()),
+            stop_rx.clone(),
+        ));
+    }
     let ctx = Arc::new(WorkerContext {
         pg_config,
         sql,

@@ -81,6 +81,14 @@ pub struct Statements {
     pub poll_windows: String,
     /// The current snapshot and parked epoch, to start the wake-up poller. No parameters.
     pub current_snapshot: String,
+    /// Locks the next mappings that may be forgotten (see `mappings`): above the partition
+    /// count, or older than the TTL; ones a writer holds are skipped. `$1`: continue after
+    /// this key, `$2`: TTL in seconds, `$3`: limit.
+    pub lock_forgettable_mappings: String,
+    /// Deletes the locked mappings whose entity has no message in the outbox table. Run in
+    /// its own statement after the lock, so that its snapshot sees every message committed
+    /// before the lock was taken. `$1`: the locked keys. Returns the forgotten keys.
+    pub forget_mappings: String,
 }
 
 /// One statement that deletes the message(s) matching `condition`, copies them into
@@ -218,6 +226,24 @@ impl Statements {
             current_snapshot: format!(
                 "SELECT pg_current_snapshot()::text, (SELECT parked_epoch FROM {s}.settings)"
             ),
+            lock_forgettable_mappings: format!(
+                "SELECT e.entity_key
+                   FROM {s}.entity_partition e, {s}.settings st
+                  WHERE e.entity_key > $1::text
+                    AND (e.partition >= st.partition_count
+                         OR e.created_at < now() - make_interval(secs => $2::float8))
+                  ORDER BY e.entity_key
+                  LIMIT $3::int8
+                    FOR UPDATE OF e SKIP LOCKED"
+            ),
+            forget_mappings: format!(
+                "DELETE FROM {s}.entity_partition e
+                  WHERE e.entity_key = ANY ($1::text[])
+                    AND NOT EXISTS (SELECT 1 FROM {s}.message m
+                                     WHERE m.partition = e.partition
+                                       AND m.entity_key = e.entity_key)
+                 RETURNING e.entity_key"
+            ),
         }
     }
 
@@ -238,6 +264,8 @@ impl Statements {
             ("unpark_entity", &self.unpark_entity),
             ("poll_windows", &self.poll_windows),
             ("current_snapshot", &self.current_snapshot),
+            ("lock_forgettable_mappings", &self.lock_forgettable_mappings),
+            ("forget_mappings", &self.forget_mappings),
         ]
     }
 }

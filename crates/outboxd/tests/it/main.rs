@@ -7,6 +7,7 @@ mod dead_rows;
 mod end_to_end;
 mod http;
 mod late_commit;
+mod mappings;
 mod outages;
 mod policies;
 mod process;

@@ -107,8 +107,12 @@ async fn entities_above_a_lowered_count_are_still_relayed_after_a_restart() {
         .expect("lower the count");
 
     // A relay started now sees 2 partitions and an empty queue; the entities mapped above
-    // them keep their partitions (sticky) and must still be relayed.
-    let relay = RunningRelay::start(setup.relay_config());
+    // them keep their partitions (sticky; the mapping cleanup, which would move idle ones
+    // below the count, is off here) and must still be relayed.
+    let relay = RunningRelay::start(outboxd::Config {
+        mapping_cleanup_interval_ms: 0,
+        ..setup.relay_config()
+    });
     let mut more = round_robin("e", 40, 80);
     more.extend(round_robin("fresh", 10, 20));
     merge(
@@ -118,6 +122,10 @@ async fn entities_above_a_lowered_count_are_still_relayed_after_a_restart() {
     setup.wait_drained("every message retired").await;
     relay.stop().await;
     let fresh_partitions = partitions_of(&setup, "fresh-%").await;
+    assert!(
+        partitions_of(&setup, "e-%").await.iter().any(|&p| p >= 2),
+        "old entities kept their partitions above the count"
+    );
     assert!(
         fresh_partitions.iter().all(|&p| p < 2),
         "new entities use the lowered count: {fresh_partitions:?}"

@@ -1,0 +1,123 @@
+//! Forgetting sticky mappings once it is provably safe.
+//!
+//! An entity keeps its partition while any of its messages waits in the outbox table, so
+//! its messages never sit in two partitions at once. Once none waits, the mapping can go:
+//! the entity's next message creates a new one under the current partition count. That
+//! drains partitions above a lowered count, and keeps the mapping table from growing by
+//! one row per entity ever seen (mappings older than `mapping_ttl_s` are candidates).
+//!
+//! Why it is safe: a writer locks the entity's mapping row (`FOR NO KEY UPDATE`) before it
+//! takes a message id and holds the lock until it commits. The cleanup first locks its
+//! candidates `FOR UPDATE SKIP LOCKED` (skipping any a writer holds), then, in a second
+//! statement whose snapshot is taken after those locks, deletes the ones whose entity has no
+//! message in the table. A writer that committed before the lock is seen by that snapshot;
+//! one that comes after waits for the cleanup to commit, finds the row gone, and creates a
+//! new mapping for an entity with nothing in flight. A message the relay is publishing is
+//! still in the table until Kafka acknowledged it, so it also keeps the mapping.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls};
+
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::sql::Statements;
+
+/// Mappings locked and checked per transaction.
+const CHUNK: i64 = 1000;
+/// Chunks per run, so one run stays short however large the table is.
+const CHUNKS_PER_RUN: usize = 10;
+
+/// Forgets the mappings that are safe to forget (see the module docs), up to
+/// `CHUNKS_PER_RUN` chunks; returns how many were forgotten.
+pub async fn forget_mappings(client: &mut Client, sql: &Statements, ttl: Duration) -> Result<u64> {
+    let mut after = String::new();
+    let mut forgotten = 0u64;
+    for _ in 0..CHUNKS_PER_RUN {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(Error::pg("starting a mapping cleanup"))?;
+        let locked: Vec<String> = tx
+            .query(
+                &sql.lock_forgettable_mappings,
+                &[&after, &ttl.as_secs_f64(), &CHUNK],
+            )
+            .await
+            .map_err(Error::pg("locking forgettable mappings"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let Some(last) = locked.last().cloned() else {
+            break;
+        };
+        let deleted = tx
+            .query(&sql.forget_mappings, &[&locked])
+            .await
+            .map_err(Error::pg("forgetting mappings"))?
+            .len();
+        tx.commit()
+            .await
+            .map_err(Error::pg("committing a mapping cleanup"))?;
+        forgotten += deleted as u64;
+        if (locked.len() as i64) < CHUNK {
+            break;
+        }
+        after = last;
+    }
+    Ok(forgotten)
+}
+
+/// Runs [`forget_mappings`] every `interval` until `stop` turns true, on its own
+/// connection (reconnecting with backoff).
+pub async fn run_cleanup(
+    pg_config: tokio_postgres::Config,
+    sql: Statements,
+    interval: Duration,
+    ttl: Duration,
+    retry: (Duration, Duration),
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut client: Option<Client> = None;
+    let mut backoff = Backoff::new(retry.0, retry.1);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = match pg_config.connect(NoTls).await {
+                Ok((c, connection)) => {
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    Some(c)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "mapping cleanup cannot connect; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+            };
+        }
+        let Some(c) = client.as_mut() else { continue };
+        match forget_mappings(c, &sql, ttl).await {
+            Ok(n) => {
+                backoff.reset();
+                if n > 0 {
+                    tracing::info!(forgotten = n, "forgot sticky mappings of idle entities");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "mapping cleanup failed; retrying next interval");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
