@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod publisher;
 pub mod reader;
 pub mod relay;
+pub mod session;
 pub mod sql;
 mod wakeup;
 mod worker;

@@ -18,10 +18,11 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
+use crate::session::connect;
 use crate::sql::Statements;
 
 /// Mappings locked and checked per transaction.
@@ -92,13 +93,10 @@ pub async fn run_cleanup(
             return;
         }
         if client.as_ref().is_none_or(Client::is_closed) {
-            client = match pg_config.connect(NoTls).await {
-                Ok((c, connection)) => {
-                    tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                    Some(c)
-                }
+            // Default planner settings: the check for waiting messages is an anti-join the
+            // planner should be free to hash.
+            client = match connect(&pg_config, "SET jit = off;", "mapping cleanup").await {
+                Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "mapping cleanup cannot connect; retrying");
                     tokio::time::sleep(backoff.next_delay()).await;

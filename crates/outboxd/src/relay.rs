@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_postgres::NoTls;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -68,20 +67,8 @@ async fn run_relay(
         .database_url
         .parse()
         .map_err(Error::pg("parsing database_url"))?;
-    let (control, connection) = pg_config
-        .connect(NoTls)
-        .await
-        .map_err(Error::pg("connecting"))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "control connection ended");
-        }
-    });
+    let control = crate::session::connect(&pg_config, crate::sql::SESSION_SETUP, "control").await?;
     outbox::check_schema(&control, &schema).await?;
-    control
-        .batch_execute(crate::sql::SESSION_SETUP)
-        .await
-        .map_err(Error::pg("setting up the control session"))?;
     let sql = Statements::new(&schema);
     let partitions: i32 = control
         .query_one(&sql.partitions_to_serve, &[])

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::reader::Window;
@@ -232,10 +232,7 @@ impl Poller {
 }
 
 async fn reconnect(pg_config: &tokio_postgres::Config) -> Option<Client> {
-    let (client, connection) = pg_config.connect(NoTls).await.ok()?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client.batch_execute(SESSION_SETUP).await.ok()?;
-    Some(client)
+    crate::session::connect(pg_config, SESSION_SETUP, "wake-up poller")
+        .await
+        .ok()
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::error::KafkaError;
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use crate::backoff::Backoff;
 use crate::config::{Config, ErrorPolicy};
@@ -159,25 +159,16 @@ impl Worker<'_> {
     }
 
     async fn connect_and_lock(&self) -> Result<Option<Session>> {
-        let (client, connection) = self
-            .ctx
-            .pg_config
-            .connect(NoTls)
-            .await
-            .map_err(Error::pg("connecting"))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "worker connection ended");
-            }
-        });
-        client
-            .batch_execute(&format!(
+        let client = crate::session::connect(
+            &self.ctx.pg_config,
+            &format!(
                 "{} SET application_name = 'outboxd partition {}';",
                 crate::sql::SESSION_SETUP,
                 self.partition
-            ))
-            .await
-            .map_err(Error::pg("setting up the session"))?;
+            ),
+            "partition worker",
+        )
+        .await?;
         let locked: bool = client
             .query_one(&self.ctx.sql.try_lock_partition, &[&self.partition])
             .await

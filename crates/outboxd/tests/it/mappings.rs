@@ -109,14 +109,7 @@ async fn a_lowered_count_drains_the_removed_partitions_and_moves_their_entities_
         }
     }
     assert!(!above.is_empty(), "some entities live in partitions 2..8");
-    setup
-        .client
-        .execute(
-            &format!("UPDATE {}.settings SET partition_count = 2", setup.schema),
-            &[],
-        )
-        .await
-        .expect("lower the count");
+    setup.set_partition_count(2).await;
 
     // The relay publishes what waits, then the cleanup forgets the idle mappings above 2.
     let relay = RunningRelay::start(outboxd::Config {

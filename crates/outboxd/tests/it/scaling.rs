@@ -58,14 +58,7 @@ async fn raising_the_partition_count_while_relaying_serves_the_new_partitions() 
     let topic = outbox_testkit::create_topic("grow", 4).await;
     let relay = RunningRelay::start(setup.relay_config());
     let mut expected = write_messages(&setup.outbox, &topic, &round_robin("old", 10, 60)).await;
-    setup
-        .client
-        .execute(
-            &format!("UPDATE {}.settings SET partition_count = 16", setup.schema),
-            &[],
-        )
-        .await
-        .expect("raise the count");
+    setup.set_partition_count(16).await;
     // Old entities stay where they are; new ones spread over all 16 partitions.
     let mut mixed = round_robin("new", 40, 120);
     mixed.extend(round_robin("old", 10, 40));
@@ -97,14 +90,7 @@ async fn entities_above_a_lowered_count_are_still_relayed_after_a_restart() {
         partitions_of(&setup, "%").await.iter().any(|&p| p >= 2),
         "some entities live above the lowered count"
     );
-    setup
-        .client
-        .execute(
-            &format!("UPDATE {}.settings SET partition_count = 2", setup.schema),
-            &[],
-        )
-        .await
-        .expect("lower the count");
+    setup.set_partition_count(2).await;
 
     // A relay started now sees 2 partitions and an empty queue; the entities mapped above
     // them keep their partitions (sticky; the mapping cleanup, which would move idle ones

@@ -22,18 +22,24 @@ impl Setup {
         outbox::migrate_schema(&client, &schema)
             .await
             .expect("migrate");
-        client
+        let setup = Setup {
+            client,
+            outbox: Outbox::new(schema.clone()),
+            schema,
+        };
+        setup.set_partition_count(partitions).await;
+        setup
+    }
+
+    /// Changes `settings.partition_count`, as an operator would.
+    pub async fn set_partition_count(&self, partitions: i32) {
+        self.client
             .execute(
-                &format!("UPDATE {schema}.settings SET partition_count = $1"),
+                &format!("UPDATE {}.settings SET partition_count = $1", self.schema),
                 &[&partitions],
             )
             .await
             .expect("set partition count");
-        Setup {
-            client,
-            outbox: Outbox::new(schema.clone()),
-            schema,
-        }
     }
 
     pub fn relay_config(&self) -> outboxd::Config {
