@@ -25,6 +25,7 @@ pub mod health;
 pub mod http;
 pub mod mappings;
 pub mod metrics;
+pub mod ownership;
 pub mod publisher;
 pub mod reader;
 pub mod relay;

@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::health::Health;
+use crate::ownership::Ownership;
 use crate::publisher::Publisher;
 use crate::sql::Statements;
 use crate::wakeup::{Mailbox, Poller, PollerPulse, initial_state};
@@ -70,6 +71,12 @@ async fn run_relay(
     let control = crate::session::connect(&pg_config, crate::sql::SESSION_SETUP, "control").await?;
     outbox::check_schema(&control, &schema).await?;
     let sql = Statements::new(&schema);
+    // The control connection becomes the poller's: it carries this instance's registration.
+    control
+        .batch_execute(&sql.register_instance)
+        .await
+        .map_err(Error::pg("registering the relay instance"))?;
+    let ownership = Arc::new(Ownership::default());
     let partitions: i32 = control
         .query_one(&sql.partitions_to_serve, &[])
         .await
@@ -102,6 +109,7 @@ async fn run_relay(
             mailboxes: mailboxes.clone(),
             served,
             spawn: spawn_tx,
+            ownership: Arc::clone(&ownership),
             pulse: Arc::clone(&pulse),
             start,
         }
@@ -123,6 +131,7 @@ async fn run_relay(
         publisher,
         config,
         health,
+        ownership,
     });
     let spawn_worker = |tasks: &mut JoinSet<()>, partition: i32| {
         let Some(mailbox) = usize::try_from(partition)

@@ -81,6 +81,12 @@ pub struct Statements {
     pub poll_windows: String,
     /// The current snapshot and parked epoch, to start the wake-up poller. No parameters.
     pub current_snapshot: String,
+    /// Registers this relay instance for as long as the session lives (a session advisory
+    /// lock keyed by the backend pid), so instances can count each other. No parameters.
+    pub register_instance: String,
+    /// How many relay instances are registered for this schema in this database. No
+    /// parameters.
+    pub count_instances: String,
     /// Locks the next mappings that may be forgotten (see `mappings`): above the partition
     /// count, or older than the TTL; ones a writer holds are skipped. `$1`: continue after
     /// this key, `$2`: TTL in seconds, `$3`: limit.
@@ -226,6 +232,16 @@ impl Statements {
             current_snapshot: format!(
                 "SELECT pg_current_snapshot()::text, (SELECT parked_epoch FROM {s}.settings)"
             ),
+            register_instance: format!(
+                "SELECT pg_advisory_lock(hashtext('outboxd instances {s}'), pg_backend_pid())"
+            ),
+            // pg_locks shows the first key as an oid: the int4 hash read unsigned.
+            count_instances: format!(
+                "SELECT count(*) FROM pg_locks
+                  WHERE locktype = 'advisory' AND granted AND objsubid = 2
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND classid = (hashtext('outboxd instances {s}')::int8 & 4294967295)::oid"
+            ),
             lock_forgettable_mappings: format!(
                 "SELECT e.entity_key
                    FROM {s}.entity_partition e, {s}.settings st
@@ -264,6 +280,8 @@ impl Statements {
             ("unpark_entity", &self.unpark_entity),
             ("poll_windows", &self.poll_windows),
             ("current_snapshot", &self.current_snapshot),
+            ("register_instance", &self.register_instance),
+            ("count_instances", &self.count_instances),
             ("lock_forgettable_mappings", &self.lock_forgettable_mappings),
             ("forget_mappings", &self.forget_mappings),
         ]

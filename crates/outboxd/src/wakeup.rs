@@ -12,6 +12,7 @@ use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
+use crate::ownership::Ownership;
 use crate::reader::Window;
 use crate::sql::{SESSION_SETUP, Statements};
 
@@ -128,6 +129,9 @@ pub struct Poller {
     pub served: Vec<bool>,
     /// Where to ask for a new worker.
     pub spawn: tokio::sync::mpsc::UnboundedSender<i32>,
+    /// This instance's fair share of partitions, updated from the count of registered
+    /// instances about once a second. The poller's connection carries the registration.
+    pub ownership: Arc<Ownership>,
     /// Where the poller reports that it is alive.
     pub pulse: Arc<PollerPulse>,
     /// From [`initial_state`].
@@ -147,6 +151,7 @@ impl Poller {
             mailboxes,
             mut served,
             spawn,
+            ownership,
             pulse,
             start,
         } = self;
@@ -157,6 +162,7 @@ impl Poller {
         let mut backoff = Backoff::new(retry.0, retry.1);
         // `poll_windows` prepared on the current connection.
         let mut prepared: Option<tokio_postgres::Statement> = None;
+        let mut counted_at: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -167,7 +173,7 @@ impl Poller {
             }
             let Some(c) = client.as_ref().filter(|c| !c.is_closed()) else {
                 prepared = None;
-                client = reconnect(&pg_config).await;
+                client = reconnect(&pg_config, &sql.register_instance).await;
                 if client.is_none() {
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
@@ -185,6 +191,16 @@ impl Poller {
                 Ok(row) => {
                     backoff.reset();
                     pulse.beat();
+                    if counted_at.is_none_or(|t| t.elapsed() >= INSTANCE_COUNT_INTERVAL) {
+                        counted_at = Some(Instant::now());
+                        if let Ok(r) = c.query_one(&sql.count_instances, &[]).await {
+                            let instances: i64 = r.get(0);
+                            ownership.set_share(
+                                served.iter().filter(|s| **s).count(),
+                                usize::try_from(instances).unwrap_or(1),
+                            );
+                        }
+                    }
                     let snapshot: String = row.get(0);
                     let parked_epoch: i64 = row.get(1);
                     let partitions: Option<Vec<i32>> = row.get(2);
@@ -231,8 +247,15 @@ impl Poller {
     }
 }
 
-async fn reconnect(pg_config: &tokio_postgres::Config) -> Option<Client> {
-    crate::session::connect(pg_config, SESSION_SETUP, "wake-up poller")
-        .await
-        .ok()
+async fn reconnect(pg_config: &tokio_postgres::Config, register: &str) -> Option<Client> {
+    crate::session::connect(
+        pg_config,
+        &format!("{SESSION_SETUP} {register};"),
+        "wake-up poller",
+    )
+    .await
+    .ok()
 }
+
+/// How often the poller counts the relay instances.
+const INSTANCE_COUNT_INTERVAL: Duration = Duration::from_secs(1);

@@ -17,6 +17,7 @@ use crate::config::{Config, ErrorPolicy};
 use crate::error::{Error, Result};
 use crate::health::{Health, PartitionState};
 use crate::metrics::PartitionMetrics;
+use crate::ownership::Ownership;
 use crate::publisher::{Publisher, is_permanent};
 use crate::reader::{OutboxRow, PartitionReader, ReadStatements};
 use crate::sql::Statements;
@@ -34,6 +35,8 @@ pub struct WorkerContext {
     pub config: Config,
     /// Where workers report their state.
     pub health: Arc<Health>,
+    /// This instance's share of the partitions (see `ownership`).
+    pub ownership: Arc<Ownership>,
 }
 
 /// A worker's connection, holding its partition's advisory lock, with the statements it
@@ -50,6 +53,8 @@ enum Exit {
     Stop,
     /// The connection failed; reconnect.
     Reconnect(Error),
+    /// This instance holds more than its share: let the partition go to another one.
+    Release,
 }
 
 /// How delivering one batch ended.
@@ -91,9 +96,18 @@ pub async fn run_worker(
         if w.stopping() {
             return;
         }
+        if !ctx.ownership.may_take() {
+            // This instance holds its share; the partition is left to another instance.
+            w.set_state(PartitionState::OwnedElsewhere);
+            if w.sleep_or_stop(ctx.config.retry_max()).await {
+                return;
+            }
+            continue;
+        }
         let session = match w.connect_and_lock().await {
             Ok(Some(c)) => {
                 reconnect.reset();
+                ctx.ownership.took();
                 c
             }
             Ok(None) => {
@@ -118,9 +132,20 @@ pub async fn run_worker(
         tracing::debug!(partition, "partition acquired");
         w.set_state(PartitionState::Relaying);
         reader.reset();
-        match w.work(&session, &mut reader, &mailbox, &pulse).await {
+        let exit = w.work(&session, &mut reader, &mailbox, &pulse).await;
+        // Closing the connection releases the partition's advisory lock.
+        drop(session);
+        match exit {
             Exit::Stop => return,
+            Exit::Release => {
+                tracing::info!(partition, "above this instance's share: partition released");
+                w.set_state(PartitionState::OwnedElsewhere);
+                if w.sleep_or_stop(ctx.config.retry_max()).await {
+                    return;
+                }
+            }
             Exit::Reconnect(e) => {
+                ctx.ownership.lost();
                 tracing::warn!(partition, error = %e, "partition worker lost PostgreSQL; reconnecting");
                 w.set_state(PartitionState::Disconnected {
                     error: e.to_string(),
@@ -212,6 +237,11 @@ impl Worker<'_> {
         loop {
             if self.stopping() {
                 return Exit::Stop;
+            }
+            // Between batches (the last one is retired or will be reread), so another
+            // instance can take over cleanly.
+            if self.ctx.ownership.release_one() {
+                return Exit::Release;
             }
             let delivered = mailbox.take();
             if delivered.reset {
