@@ -16,11 +16,10 @@
 //! those at or below the highest id already published. Every row committed in the previous
 //! window's snapshot up to that id is published, so the late rows are among those of
 //! transactions in progress in that snapshot or started after it, which the `(xid)` index
-//! finds directly. Then the rest is read in id order from that highest id. (Only when the
-//! late part spans more than `LATE_READ_MIN_GAP` ids: a shorter walk is cheaper than the
-//! extra query.) Both parts are in id
-//! order and the first ends where the second begins, so together they are the window in id
-//! order.
+//! finds directly. Then the rest is read in id order from that highest id. Both parts are
+//! in id order and the first ends where the second begins, so together they are the window
+//! in id order. (Only when the late part spans more than `LATE_READ_MIN_GAP` ids: a shorter
+//! walk is cheaper than the extra query.)
 //!
 //! Windows normally come from the wake-up poller, which finds the new windows of every
 //! partition with one query per tick (see `wakeup`); windows that pile up while a batch is

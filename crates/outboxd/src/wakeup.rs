@@ -163,6 +163,8 @@ impl Poller {
         // `poll_windows` prepared on the current connection.
         let mut prepared: Option<tokio_postgres::Statement> = None;
         let mut counted_at: Option<Instant> = None;
+        // Said once, not every tick.
+        let mut warned_outside = false;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -216,10 +218,12 @@ impl Poller {
                     {
                         let Some(index) = usize::try_from(p).ok().filter(|&i| i < mailboxes.len())
                         else {
-                            tracing::warn!(
-                                partition = p,
-                                "messages in a partition outside 0..4096 are not relayed"
-                            );
+                            if !std::mem::replace(&mut warned_outside, true) {
+                                tracing::warn!(
+                                    partition = p,
+                                    "messages in a partition outside 0..4096 are not relayed"
+                                );
+                            }
                             continue;
                         };
                         mailboxes[index].offer(Window {
