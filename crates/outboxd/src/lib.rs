@@ -26,6 +26,7 @@ pub mod http;
 pub mod mappings;
 pub mod metrics;
 pub mod ownership;
+pub mod periodic;
 pub mod publisher;
 pub mod reader;
 pub mod relay;

@@ -22,6 +22,7 @@ use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
+use crate::periodic::Periodic;
 use crate::session::connect;
 use crate::sql::Statements;
 
@@ -78,20 +79,12 @@ pub async fn run_cleanup(
     interval: Duration,
     ttl: Duration,
     retry: (Duration, Duration),
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let mut client: Option<Client> = None;
     let mut backoff = Backoff::new(retry.0, retry.1);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => {}
-        }
-        if *stop.borrow() {
-            return;
-        }
+    let mut periodic = Periodic::new(interval, stop);
+    while periodic.tick().await {
         if client.as_ref().is_none_or(Client::is_closed) {
             // Default planner settings: the check for waiting messages is an anti-join the
             // planner should be free to hash.

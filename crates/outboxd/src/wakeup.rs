@@ -13,6 +13,7 @@ use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::ownership::Ownership;
+use crate::periodic::Periodic;
 use crate::reader::Window;
 use crate::sql::{SESSION_SETUP, Statements};
 
@@ -141,7 +142,7 @@ pub struct Poller {
 impl Poller {
     /// Polls until `stop` turns true. Keeps its last snapshot across reconnects, so the
     /// first window after an outage covers the outage.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: watch::Receiver<bool>) {
         let Poller {
             pg_config,
             client,
@@ -157,22 +158,14 @@ impl Poller {
         } = self;
         let mut client = Some(client);
         let (mut previous, mut epoch) = start;
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut periodic = Periodic::new(interval, stop);
         let mut backoff = Backoff::new(retry.0, retry.1);
         // `poll_windows` prepared on the current connection.
         let mut prepared: Option<tokio_postgres::Statement> = None;
         let mut counted_at: Option<Instant> = None;
         // Said once, not every tick.
         let mut warned_outside = false;
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = stop.changed() => {}
-            }
-            if *stop.borrow() {
-                return;
-            }
+        while periodic.tick().await {
             let Some(c) = client.as_ref().filter(|c| !c.is_closed()) else {
                 prepared = None;
                 client = reconnect(&pg_config, &sql.register_instance).await;
