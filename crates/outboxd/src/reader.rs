@@ -191,20 +191,15 @@ impl PartitionReader {
                 }
                 continue;
             }
-            let rows = client
-                .query(
+            let (partition, limit) = (self.partition, self.batch_size);
+            let batch = self
+                .fetch(
+                    client,
                     &statements.batch,
-                    &[
-                        &self.partition,
-                        &window.cursor,
-                        &window.snapshot,
-                        &self.batch_size,
-                    ],
+                    &[&partition, &window.cursor, &window.snapshot, &limit],
+                    "reading a batch",
                 )
-                .await
-                .map_err(Error::pg("reading a batch"))?;
-            let batch: Vec<OutboxRow> = rows.iter().map(row_to_message).collect();
-            self.note_read(&batch);
+                .await?;
             match batch.last() {
                 Some(last) if batch.len() as i64 == self.batch_size => {
                     self.window = Some(Window {
@@ -232,22 +227,22 @@ impl PartitionReader {
         window: &Window,
         late: &LateRows,
     ) -> Result<Vec<OutboxRow>> {
-        let rows = client
-            .query(
+        let (partition, limit) = (self.partition, self.batch_size);
+        let batch = self
+            .fetch(
+                client,
                 &statements.late,
                 &[
-                    &self.partition,
+                    &partition,
                     &window.cursor,
                     &window.snapshot,
-                    &self.batch_size,
+                    &limit,
                     &late.previous,
                     &late.until,
                 ],
+                "reading late rows",
             )
-            .await
-            .map_err(Error::pg("reading late rows"))?;
-        let batch: Vec<OutboxRow> = rows.iter().map(row_to_message).collect();
-        self.note_read(&batch);
+            .await?;
         self.late = None;
         let cursor = match batch.last() {
             Some(last) if batch.len() as i64 == self.batch_size => last.id,
@@ -260,10 +255,25 @@ impl PartitionReader {
         Ok(batch)
     }
 
-    fn note_read(&mut self, batch: &[OutboxRow]) {
+    /// Runs one batch read and raises the high-water mark to its last id.
+    async fn fetch(
+        &mut self,
+        client: &Client,
+        statement: &Statement,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        what: &'static str,
+    ) -> Result<Vec<OutboxRow>> {
+        let batch: Vec<OutboxRow> = client
+            .query(statement, params)
+            .await
+            .map_err(Error::pg(what))?
+            .iter()
+            .map(row_to_message)
+            .collect();
         if let Some(last) = batch.last() {
             self.high_water = Some(self.high_water.map_or(last.id, |h| h.max(last.id)));
         }
+        Ok(batch)
     }
 
     /// The next window to read: the whole partition after a (re)start, else a window handed
