@@ -25,6 +25,15 @@ pub enum Error {
         /// The message's topic, to find the call site.
         topic: String,
     },
+    /// The entity key is longer than [`MAX_ENTITY_KEY_BYTES`](crate::MAX_ENTITY_KEY_BYTES):
+    /// it is a primary key of the mapping table, whose index entries have a size limit.
+    #[error("outbox: entity key is {size} bytes, longer than the maximum of {max} bytes")]
+    EntityKeyTooLong {
+        /// The key's size in bytes (UTF-8).
+        size: usize,
+        /// The maximum.
+        max: usize,
+    },
     /// An explicit Kafka partition is negative.
     #[error("outbox: Kafka partition must be >= 0, got {0}")]
     InvalidKafkaPartition(i32),
@@ -79,6 +88,17 @@ pub enum Error {
         /// What was found: missing, or at which version.
         problem: String,
     },
+    /// The batch function answered with fewer ids than messages. The transaction must be
+    /// rolled back: part of the batch may be missing from it.
+    #[error(
+        "outbox: enqueue_batch returned {ids} ids for {messages} messages; roll the transaction back (is the schema migrated with this library's version?)"
+    )]
+    IncompleteBatch {
+        /// Messages given.
+        messages: usize,
+        /// Ids returned.
+        ids: usize,
+    },
     /// PostgreSQL refused the write or the connection failed; `context` says what we were doing.
     #[error("outbox: {context}: {source}")]
     Database {
@@ -106,7 +126,9 @@ impl Error {
             Error::Database { source, .. } => {
                 source.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE)
             }
-            Error::SchemaNotReady { .. } | Error::InvalidSchemaName(_) => false,
+            Error::SchemaNotReady { .. }
+            | Error::InvalidSchemaName(_)
+            | Error::IncompleteBatch { .. } => false,
             _ => true,
         }
     }

@@ -7,6 +7,11 @@ use crate::error::{Error, Result};
 /// The longest topic name Kafka accepts.
 pub const MAX_TOPIC_LEN: usize = 249;
 
+/// The longest entity key, in bytes (UTF-8). The key is the primary key of the sticky mapping
+/// table, and a btree index entry must fit in a third of a page (2,704 bytes); the limit leaves
+/// room for that with a margin, and is checked the same way by the SQL functions.
+pub const MAX_ENTITY_KEY_BYTES: usize = 1024;
+
 /// One message to publish: where it goes (topic, optional Kafka key and partition), which
 /// business entity it belongs to (the ordering key), and what it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +158,12 @@ impl MessageBuilder {
         validate_topic(&m.topic)?;
         if m.entity_key.is_empty() {
             return Err(Error::EmptyEntityKey { topic: m.topic });
+        }
+        if m.entity_key.len() > MAX_ENTITY_KEY_BYTES {
+            return Err(Error::EntityKeyTooLong {
+                size: m.entity_key.len(),
+                max: MAX_ENTITY_KEY_BYTES,
+            });
         }
         if let Some(p) = m.kafka_partition
             && p < 0

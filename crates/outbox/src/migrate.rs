@@ -24,10 +24,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0002_failures",
         sql: include_str!("../../../migrations/0002_failures.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_nothing_lost",
+        sql: include_str!("../../../migrations/0003_nothing_lost.sql"),
+    },
 ];
 
 /// The schema version this library expects.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// Applies the pending migrations to the schema `outbox`. Idempotent.
 pub async fn migrate(client: &tokio_postgres::Client) -> Result<()> {

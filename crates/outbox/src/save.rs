@@ -167,7 +167,12 @@ impl Outbox {
         // The ids were taken in input order; the order rows come back in is not promised.
         let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         if ids.len() != msgs.len() {
-            return Err(self.schema_not_ready("enqueue_batch returned the wrong number of ids"));
+            // enqueue_batch raises an error rather than writing part of a batch; a short answer
+            // means the function in the database is not the one this library was built for.
+            return Err(Error::IncompleteBatch {
+                messages: msgs.len(),
+                ids: ids.len(),
+            });
         }
         ids.sort_unstable();
         Ok(ids)

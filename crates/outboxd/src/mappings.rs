@@ -4,7 +4,7 @@
 //! its messages never sit in two partitions at once. Once none waits, the mapping can go:
 //! the entity's next message creates a new one under the current partition count. That
 //! drains partitions above a lowered count, and keeps the mapping table from growing by
-//! one row per entity ever seen (mappings older than `mapping_ttl_s` are candidates).
+//! one row per entity ever seen (mappings of entities idle for `mapping_ttl_s` are candidates).
 //!
 //! Why it is safe: a writer locks the entity's mapping row (`FOR NO KEY UPDATE`) before it
 //! takes a message id and holds the lock until it commits. The cleanup first locks its
@@ -31,47 +31,74 @@ const CHUNK: i64 = 1000;
 /// Chunks per run, so one run stays short however large the table is.
 const CHUNKS_PER_RUN: usize = 10;
 
-/// Forgets the mappings that are safe to forget (see the module docs), up to
-/// `CHUNKS_PER_RUN` chunks; returns how many were forgotten.
-pub async fn forget_mappings(client: &mut Client, sql: &Statements, ttl: Duration) -> Result<u64> {
-    let mut after = String::new();
-    let mut forgotten = 0u64;
-    for _ in 0..CHUNKS_PER_RUN {
-        let tx = client
-            .transaction()
-            .await
-            .map_err(Error::pg("starting a mapping cleanup"))?;
-        let locked: Vec<String> = tx
-            .query(
-                &sql.lock_forgettable_mappings,
-                &[&after, &ttl.as_secs_f64(), &CHUNK],
-            )
-            .await
-            .map_err(Error::pg("locking forgettable mappings"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let Some(last) = locked.last().cloned() else {
-            break;
-        };
-        let deleted = tx
-            .query(&sql.forget_mappings, &[&locked])
-            .await
-            .map_err(Error::pg("forgetting mappings"))?
-            .len();
-        tx.commit()
-            .await
-            .map_err(Error::pg("committing a mapping cleanup"))?;
-        forgotten += deleted as u64;
-        if (locked.len() as i64) < CHUNK {
-            break;
-        }
-        after = last;
-    }
-    Ok(forgotten)
+/// The cleanup's state between runs: where in key order the next run continues. Each run
+/// checks at most `CHUNKS_PER_RUN` chunks and the next one goes on after the last key checked,
+/// wrapping around at the end of the table, so candidates that must stay (a message of theirs
+/// waits) cannot keep the ones behind them from ever being checked.
+#[derive(Debug)]
+pub struct MappingCleanup {
+    sql: Statements,
+    ttl: Duration,
+    /// Continue after this key; empty: from the first key.
+    cursor: String,
 }
 
-/// Runs [`forget_mappings`] every `interval` until `stop` turns true, on its own
+impl MappingCleanup {
+    /// A cleanup that forgets mappings idle for at least `ttl` (see the module docs).
+    pub fn new(sql: Statements, ttl: Duration) -> Self {
+        MappingCleanup {
+            sql,
+            ttl,
+            cursor: String::new(),
+        }
+    }
+
+    /// Forgets the mappings that are safe to forget, up to `CHUNKS_PER_RUN` chunks from where
+    /// the previous run stopped; returns how many were forgotten.
+    pub async fn run_once(&mut self, client: &mut Client) -> Result<u64> {
+        let mut forgotten = 0u64;
+        for _ in 0..CHUNKS_PER_RUN {
+            let tx = client
+                .transaction()
+                .await
+                .map_err(Error::pg("starting a mapping cleanup"))?;
+            let locked: Vec<String> = tx
+                .query(
+                    &self.sql.lock_forgettable_mappings,
+                    &[&self.cursor, &self.ttl.as_secs_f64(), &CHUNK],
+                )
+                .await
+                .map_err(Error::pg("locking forgettable mappings"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let deleted = if locked.is_empty() {
+                0
+            } else {
+                tx.query(&self.sql.forget_mappings, &[&locked])
+                    .await
+                    .map_err(Error::pg("forgetting mappings"))?
+                    .len()
+            };
+            tx.commit()
+                .await
+                .map_err(Error::pg("committing a mapping cleanup"))?;
+            forgotten += deleted as u64;
+            match locked.last() {
+                // A full chunk: more may follow.
+                Some(last) if locked.len() as i64 == CHUNK => self.cursor.clone_from(last),
+                // The end of the table: the next run starts from the first key again.
+                _ => {
+                    self.cursor.clear();
+                    break;
+                }
+            }
+        }
+        Ok(forgotten)
+    }
+}
+
+/// Runs [`MappingCleanup::run_once`] every `interval` until `stop` turns true, on its own
 /// connection (reconnecting with backoff).
 pub async fn run_cleanup(
     pg_config: tokio_postgres::Config,
@@ -81,6 +108,7 @@ pub async fn run_cleanup(
     retry: (Duration, Duration),
     stop: watch::Receiver<bool>,
 ) {
+    let mut cleanup = MappingCleanup::new(sql, ttl);
     let mut client: Option<Client> = None;
     let mut backoff = Backoff::new(retry.0, retry.1);
     let mut periodic = Periodic::new(interval, stop);
@@ -98,7 +126,7 @@ pub async fn run_cleanup(
             };
         }
         let Some(c) = client.as_mut() else { continue };
-        match forget_mappings(c, &sql, ttl).await {
+        match cleanup.run_once(c).await {
             Ok(n) => {
                 backoff.reset();
                 if n > 0 {

@@ -88,8 +88,10 @@ pub struct Statements {
     /// parameters.
     pub count_instances: String,
     /// Locks the next mappings that may be forgotten (see `mappings`): above the partition
-    /// count, or older than the TTL; ones a writer holds are skipped. `$1`: continue after
-    /// this key, `$2`: TTL in seconds, `$3`: limit.
+    /// count, or idle for the TTL; ones a writer holds are skipped. Writers refresh
+    /// `last_used_at` when it is older than `mapping_touch_interval()` (an hour), so "idle for
+    /// the TTL" is `last_used_at` older than the TTL plus that interval; a TTL of 0 means as
+    /// soon as nothing waits. `$1`: continue after this key, `$2`: TTL in seconds, `$3`: limit.
     pub lock_forgettable_mappings: String,
     /// Deletes the locked mappings whose entity has no message in the outbox table. Run in
     /// its own statement after the lock, so that its snapshot sees every message committed
@@ -247,7 +249,9 @@ impl Statements {
                    FROM {s}.entity_partition e, {s}.settings st
                   WHERE e.entity_key > $1::text
                     AND (e.partition >= st.partition_count
-                         OR e.created_at < now() - make_interval(secs => $2::float8))
+                         OR e.last_used_at < now() - make_interval(secs => $2::float8)
+                              - CASE WHEN $2::float8 > 0 THEN {s}.mapping_touch_interval()
+                                     ELSE interval '0' END)
                   ORDER BY e.entity_key
                   LIMIT $3::int8
                     FOR UPDATE OF e SKIP LOCKED"

@@ -232,6 +232,28 @@ async fn sql_functions_refuse_bad_input_with_invalid_parameter_value() {
             ),
             "invalid header slice",
         ),
+        (
+            format!(
+                "SELECT {s}.enqueue('t', 'E', '\\x00', NULL, NULL, ARRAY['h'], ARRAY[NULL::bytea], NULL)"
+            ),
+            "header values must not be NULL",
+        ),
+        (
+            format!(
+                "SELECT {s}.enqueue_batch('{{t}}', '{{e}}', '{{x}}', '{{NULL}}', '{{NULL}}', '{{NULL}}', '{{0}}', '{{1}}', '{{h}}', '{{NULL}}')"
+            ),
+            "header values must not be NULL",
+        ),
+        (
+            format!("SELECT {s}.save_message('t', repeat('k', 3000), 'x')"),
+            "entity key is 3000 bytes",
+        ),
+        (
+            format!(
+                "SELECT {s}.enqueue_batch('{{t}}', ARRAY[repeat('k', 1025)], '{{x}}', '{{NULL}}', '{{NULL}}', '{{NULL}}', '{{0}}', '{{0}}', '{{}}', '{{}}')"
+            ),
+            "entity key is 1025 bytes",
+        ),
     ];
     for (sql, expected) in cases {
         let err = t.client.batch_execute(&sql).await.expect_err(&sql);
@@ -246,6 +268,40 @@ async fn sql_functions_refuse_bad_input_with_invalid_parameter_value() {
     assert_eq!(t.count("message").await, 0);
     assert_eq!(t.count("entity_partition").await, 0);
     t.cleanup().await;
+}
+
+/// A row inserted around the SQL functions cannot carry what the relay cannot decode either.
+#[tokio::test]
+async fn a_direct_insert_of_a_null_header_value_is_refused_by_the_table() {
+    let t = TestSchema::new().await;
+    let s = t.schema.name();
+    let err = t
+        .client
+        .batch_execute(&format!(
+            "INSERT INTO {s}.message (partition, topic, entity_key, header_names, header_values)
+             VALUES (0, 't', 'e', ARRAY['h'], ARRAY[NULL::bytea])"
+        ))
+        .await
+        .expect_err("refused");
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(db.code(), &tokio_postgres::error::SqlState::CHECK_VIOLATION);
+    assert_eq!(t.count("message").await, 0);
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_entity_key_longer_than_the_limit_is_refused_by_the_builder() {
+    let key = "k".repeat(outbox::MAX_ENTITY_KEY_BYTES + 1);
+    let err = Message::builder("t", key.as_str())
+        .build()
+        .expect_err("too long");
+    assert!(
+        matches!(err, Error::EntityKeyTooLong { size, max } if size == key.len() && max == outbox::MAX_ENTITY_KEY_BYTES),
+        "{err:?}"
+    );
+    assert!(err.is_invalid_input());
+    let fits = "k".repeat(outbox::MAX_ENTITY_KEY_BYTES);
+    assert!(Message::builder("t", fits).build().is_ok());
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! `scripts/services up`. Each test works in a schema of its own, so they run in parallel.
 
 mod bad_input;
+mod races;
 mod save;
 mod semantics;
 mod services;

@@ -337,3 +337,55 @@ async fn sql_function_and_rust_api_write_identical_rows() {
     );
     t.cleanup().await;
 }
+
+/// How long ago each entity's mapping was last used, in minutes (rounded).
+async fn minutes_since_use(t: &TestSchema) -> HashMap<String, i64> {
+    t.client
+        .query(
+            &format!(
+                "SELECT entity_key, round(extract(epoch FROM now() - last_used_at) / 60)::int8
+                   FROM {}.entity_partition",
+                t.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("mappings")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// "Idle for the TTL" must mean idle: every write keeps the mapping's last use recent, within
+/// one touch interval (an hour), through both APIs, and a write does not rewrite a mapping
+/// used recently (one update an hour per busy entity, not one per message).
+#[tokio::test]
+async fn writes_keep_the_mapping_last_use_fresh_at_most_once_an_hour() {
+    let mut t = TestSchema::new().await;
+    save_batch(&mut t, &[msg("single"), msg("batched"), msg("recent")]).await;
+    t.client
+        .batch_execute(&format!(
+            "UPDATE {s}.entity_partition SET last_used_at = now() - interval '3 hours'
+              WHERE entity_key IN ('single', 'batched');
+             UPDATE {s}.entity_partition SET last_used_at = now() - interval '30 minutes'
+              WHERE entity_key = 'recent';",
+            s = t.schema
+        ))
+        .await
+        .expect("age the mappings");
+    let tx = t.client.transaction().await.expect("begin");
+    t.outbox
+        .save_in_tx(&tx, &msg("single"))
+        .await
+        .expect("save");
+    t.outbox
+        .save_all_in_tx(&tx, &[msg("batched"), msg("recent")])
+        .await
+        .expect("save");
+    tx.commit().await.expect("commit");
+    let ages = minutes_since_use(&t).await;
+    assert_eq!(ages["single"], 0, "refreshed by save_in_tx");
+    assert_eq!(ages["batched"], 0, "refreshed by save_all_in_tx");
+    assert_eq!(ages["recent"], 30, "used within the hour: left alone");
+    t.cleanup().await;
+}
