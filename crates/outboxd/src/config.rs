@@ -146,11 +146,19 @@ const RESERVED_KAFKA_KEYS: &[(&str, &str)] = &[
     ),
     (
         "retries",
-        "the relay relies on librdkafka retrying within message.timeout.ms",
+        "the idempotent producer must retry until the broker answers",
     ),
     (
         "message.send.max.retries",
-        "the relay relies on librdkafka retrying within message.timeout.ms",
+        "the idempotent producer must retry until the broker answers",
+    ),
+    (
+        "message.timeout.ms",
+        "a message that times out leaves a gap that the entity's next message can overtake; the relay never times messages out",
+    ),
+    (
+        "delivery.timeout.ms",
+        "an alias of message.timeout.ms: a message that times out leaves a gap that the entity's next message can overtake",
     ),
     ("enable.gapless.guarantee", "set by the relay"),
     ("transactional.id", "transactions are not used by the relay"),

@@ -37,6 +37,21 @@ pub enum Error {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    /// The database incarnation token could not be read (it kept being created concurrently).
+    #[error(
+        "postgres: the relay_incarnation token could not be read; is the schema migrated (outboxd migrate)?"
+    )]
+    Incarnation,
+    /// The database is in a state that would break the relay's guarantees; every problem
+    /// found is listed with its fix.
+    #[error("the relay refuses to start:\n  - {}", .0.join("\n  - "))]
+    UnsafeDatabase(Vec<String>),
+    /// The settings row of the outbox schema is missing (someone deleted it).
+    #[error(
+        "the outbox settings row is missing (DELETE FROM outbox.settings?); restore it with \
+         INSERT INTO <schema>.settings DEFAULT VALUES, then set partition_count"
+    )]
+    SettingsMissing,
     /// An operator command found nothing to act on.
     #[error("not found: {0}")]
     NotFound(String),

@@ -32,6 +32,13 @@ pub enum PartitionState {
         /// Kafka's error.
         error: String,
     },
+    /// The worker ended unexpectedly (a panic); it is started again after a backoff.
+    Restarting {
+        /// How it ended.
+        error: String,
+        /// How many times it was restarted so far.
+        restarts: u64,
+    },
 }
 
 impl PartitionState {
@@ -42,6 +49,7 @@ impl PartitionState {
             PartitionState::Disconnected { .. }
                 | PartitionState::Retrying { .. }
                 | PartitionState::Blocked { .. }
+                | PartitionState::Restarting { .. }
         )
     }
 
@@ -57,50 +65,85 @@ impl PartitionState {
             PartitionState::Blocked { message_id, error } => {
                 format!("blocked at message {message_id}: {error}")
             }
+            PartitionState::Restarting { error, restarts } => {
+                format!("restarting (restart {restarts}): {error}")
+            }
         }
     }
 }
 
-/// The relay's health: the state of every partition it serves.
+/// The relay's health: the state of every partition it serves, of its other background
+/// tasks, and of its Kafka producer.
 #[derive(Debug, Default)]
 pub struct Health {
     partitions: Mutex<BTreeMap<i32, PartitionState>>,
+    /// Background tasks that ended unexpectedly and wait for their restart, with how.
+    failed_tasks: Mutex<BTreeMap<&'static str, String>>,
+    /// The producer's fatal errors so far and the last one, when there was one.
+    producer: Mutex<Option<(u64, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 impl Health {
     /// Records the state of `partition`.
     pub fn set(&self, partition: i32, state: PartitionState) {
-        let mut map = match self.partitions.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
+        lock(&self.partitions).insert(partition, state);
+    }
+
+    /// Records that the background task `name` ended unexpectedly (`Some(how)`) or runs
+    /// again (`None`).
+    pub fn set_task(&self, name: &'static str, failure: Option<String>) {
+        let mut tasks = lock(&self.failed_tasks);
+        match failure {
+            Some(how) => tasks.insert(name, how),
+            None => tasks.remove(name),
         };
-        map.insert(partition, state);
+    }
+
+    /// Records the producer's fatal errors: how many so far, and the last one.
+    pub fn set_producer_fatal(&self, count: u64, last: String) {
+        *lock(&self.producer) = Some((count, last));
     }
 
     /// A copy of every partition's state.
     pub fn snapshot(&self) -> BTreeMap<i32, PartitionState> {
-        match self.partitions.lock() {
-            Ok(m) => m.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        lock(&self.partitions).clone()
     }
 
-    /// True when no partition is failing.
+    /// True when no partition is failing and no background task waits for a restart.
     pub fn is_healthy(&self) -> bool {
-        self.snapshot().values().all(|s| !s.is_failing())
+        self.snapshot().values().all(|s| !s.is_failing()) && lock(&self.failed_tasks).is_empty()
     }
 
-    /// The `/health` body: `{"healthy": bool, "partitions": {"0": "relaying", ...}}`.
+    /// The `/health` body: `{"healthy": bool, "partitions": {"0": "relaying", ...},
+    /// "failed_tasks": {...}, "producer": {...}}` (the last two only when there is something
+    /// to say).
     pub fn to_json(&self) -> String {
         let snapshot = self.snapshot();
         let partitions: serde_json::Map<String, serde_json::Value> = snapshot
             .iter()
             .map(|(p, s)| (p.to_string(), serde_json::Value::String(s.describe())))
             .collect();
-        serde_json::json!({
-            "healthy": snapshot.values().all(|s| !s.is_failing()),
+        let mut body = serde_json::json!({
+            "healthy": self.is_healthy(),
             "partitions": partitions,
-        })
-        .to_string()
+        });
+        let tasks = lock(&self.failed_tasks).clone();
+        if !tasks.is_empty() {
+            body["failed_tasks"] = serde_json::json!(tasks);
+        }
+        if let Some((count, last)) = lock(&self.producer).clone() {
+            body["producer"] = serde_json::json!({
+                "fatal_errors": count,
+                "last_fatal_error": last,
+            });
+        }
+        body.to_string()
     }
 }

@@ -20,7 +20,10 @@
 
 pub mod backoff;
 pub mod config;
+mod delivery;
 mod error;
+pub mod faults;
+mod guards;
 pub mod health;
 pub mod http;
 pub mod mappings;
@@ -32,6 +35,7 @@ pub mod reader;
 pub mod relay;
 pub mod session;
 pub mod sql;
+pub mod supervisor;
 mod wakeup;
 mod worker;
 

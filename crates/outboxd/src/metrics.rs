@@ -28,6 +28,9 @@ pub struct PartitionMetrics {
     pub dead_lettered: Counter,
     /// `outbox_relay_dead_lettered_total{policy="park_entity"}`.
     pub parked: Counter,
+    /// `outbox_relay_probes_total`: messages sent alone to find the one Kafka refuses, or to
+    /// retry a message that blocks the partition.
+    pub probes: Counter,
 }
 
 impl PartitionMetrics {
@@ -45,7 +48,8 @@ impl PartitionMetrics {
             retriable_errors: metrics::counter!("outbox_relay_publish_errors_total", "schema" => s.clone(), "partition" => p.clone(), "kind" => "retriable"),
             permanent_errors: metrics::counter!("outbox_relay_publish_errors_total", "schema" => s.clone(), "partition" => p.clone(), "kind" => "permanent"),
             dead_lettered: metrics::counter!("outbox_relay_dead_lettered_total", "schema" => s.clone(), "partition" => p.clone(), "policy" => "dead_letter"),
-            parked: metrics::counter!("outbox_relay_dead_lettered_total", "schema" => s, "partition" => p, "policy" => "park_entity"),
+            parked: metrics::counter!("outbox_relay_dead_lettered_total", "schema" => s.clone(), "partition" => p.clone(), "policy" => "park_entity"),
+            probes: metrics::counter!("outbox_relay_probes_total", "schema" => s, "partition" => p),
         }
     }
 }

@@ -1,12 +1,22 @@
-//! Publishing one batch to Kafka: every record is enqueued into the idempotent producer
-//! before any acknowledgement is awaited (awaiting them one by one is slow), then the acks
-//! are collected in order. The caller retires rows only for a fully acknowledged prefix.
+//! The relay's Kafka producers. The main producer is idempotent and gap-less, shared by all
+//! partition workers: every record of a round is enqueued before any acknowledgement is awaited
+//! (awaiting them one by one is slow), then the acks are collected. Messages never time out
+//! in it (a timed-out message leaves a gap that later messages of the same Kafka partition
+//! can overtake, see `producer_config`); an outage simply makes the acks wait.
+//!
+//! A second, lazily created *probe* producer sends one message at a time, alone. The delivery
+//! uses it to tell which message of a refused record batch is the one Kafka refuses (the
+//! broker refuses a whole batch and reports the error for every message in it), and to retry
+//! a message that blocks its partition, so that a refusal never turns the shared producer's
+//! gap-less guarantee into a fatal error for every partition again and again.
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
@@ -34,6 +44,13 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         // while an earlier one failed) becomes a fatal error instead; the relay then
         // recreates the producer and resends from the first unacknowledged message.
         .set("enable.gapless.guarantee", "true")
+        // Messages never time out. librdkafka's gap-less guarantee does not cover timeouts: a
+        // message that times out in the queue is skipped, and a later message of the same
+        // Kafka partition may still be written when the broker comes back (librdkafka's
+        // INTRODUCTION.md, "Message timeout considerations"), so an entity's later message
+        // would overtake its earlier one. Without a timeout the idempotent producer retries
+        // until the broker answers; the relay shows the wait in /health instead.
+        .set("message.timeout.ms", "0")
         // Never create topics from the relay. Records produced while the broker was
         // auto-creating a topic were twice acknowledged yet missing from its log (see
         // docs/guarantees.md); a missing topic is now a non-retriable error instead, handled
@@ -45,7 +62,6 @@ pub fn producer_config(config: &Config) -> ClientConfig {
         .set("linger.ms", "1")
         // Small produce requests must not wait for Nagle's algorithm (tens of ms).
         .set("socket.nagle.disable", "true")
-        .set("message.timeout.ms", "30000")
         .set("queue.buffering.max.messages", "1000000");
     for (k, v) in &config.kafka {
         c.set(k, v);
@@ -53,44 +69,128 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     c
 }
 
-/// The relay's Kafka producer, shared by all partition workers. Replaced as a whole after a
-/// fatal error (an idempotent producer cannot continue after one).
-pub struct Publisher {
-    config: ClientConfig,
-    producer: RwLock<Arc<FutureProducer>>,
+/// The probe producer's properties: the main producer's connection settings (the user's
+/// `[kafka]` properties included), one message per record batch (workers probe concurrently,
+/// and two probes to one Kafka partition must not share a batch, or one's refusal would be
+/// reported for both), no idempotence (nothing else is in flight to keep in order, and it must
+/// not raise fatal errors), and a timeout, so that a probe of a broker that does not answer
+/// ends as a retriable error.
+fn probe_config(config: &Config) -> ClientConfig {
+    let mut c = producer_config(config);
+    c.set("enable.idempotence", "false")
+        .set("enable.gapless.guarantee", "false")
+        .set("batch.num.messages", "1")
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "30000");
+    c
 }
 
-/// How far a batch got: the number of leading messages acknowledged, and the first error.
+/// What the producers' clients reported last (broker connection failures and the like), for
+/// logs and `/health`.
+#[derive(Debug, Default)]
+pub struct ProducerEvents {
+    last_error: Mutex<Option<(Instant, String)>>,
+}
+
+impl ProducerEvents {
+    /// The last client error and how long ago it was reported.
+    pub fn last_error(&self) -> Option<(Duration, String)> {
+        let guard = match self.last_error.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        guard.as_ref().map(|(at, e)| (at.elapsed(), e.clone()))
+    }
+}
+
+/// The producers' client context: records client-level errors.
+#[derive(Clone)]
+struct EventsContext(Arc<ProducerEvents>);
+
+impl ClientContext for EventsContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        let mut guard = match self.0.last_error.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = Some((Instant::now(), format!("{error}: {reason}")));
+    }
+}
+
+type Producer2 = FutureProducer<EventsContext>;
+
+/// The result of sending one row.
 #[derive(Debug)]
-pub struct PublishOutcome {
-    /// Messages `[0, acked)` are acknowledged by Kafka.
-    pub acked: usize,
-    /// The error of the first message that failed, if any did.
-    pub error: Option<KafkaError>,
+pub enum Sent {
+    /// Kafka acknowledged it.
+    Acked,
+    /// Kafka or the client refused it, at enqueue time or in its delivery report.
+    Failed(KafkaError),
+    /// Not sent: an earlier row of the round failed at enqueue time.
+    NotSent,
+}
+
+/// The relay's Kafka producers; see the module docs.
+pub struct Publisher {
+    config: ClientConfig,
+    probe_config: ClientConfig,
+    events: Arc<ProducerEvents>,
+    producer: RwLock<Arc<Producer2>>,
+    probe: Mutex<Option<Arc<Producer2>>>,
+    fatal_errors: AtomicU64,
+    last_fatal: Mutex<Option<(Instant, String)>>,
 }
 
 impl Publisher {
-    /// Creates the producer.
+    /// Creates the main producer (the probe producer is created on first use).
     pub fn new(config: &Config) -> Result<Self> {
-        let config = producer_config(config);
-        let producer: FutureProducer = config
-            .create()
+        let events = Arc::new(ProducerEvents::default());
+        let main = producer_config(config);
+        let producer: Producer2 = main
+            .create_with_context(EventsContext(Arc::clone(&events)))
             .map_err(Error::kafka("creating the producer"))?;
         Ok(Publisher {
-            config,
+            config: main,
+            probe_config: probe_config(config),
+            events,
             producer: RwLock::new(Arc::new(producer)),
+            probe: Mutex::new(None),
+            fatal_errors: AtomicU64::new(0),
+            last_fatal: Mutex::new(None),
         })
     }
 
-    fn current(&self) -> Arc<FutureProducer> {
+    fn current(&self) -> Arc<Producer2> {
         match self.producer.read() {
             Ok(p) => Arc::clone(&p),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
     }
 
-    /// Replaces the producer when the current one has raised a fatal error. Several
-    /// workers may notice the same fatal error; only the first replaces it.
+    /// What the producers' clients reported last.
+    pub fn events(&self) -> &ProducerEvents {
+        &self.events
+    }
+
+    /// How many times the main producer hit a fatal error (and was recreated), and the last
+    /// one with its age.
+    pub fn fatal_errors(&self) -> (u64, Option<(Duration, String)>) {
+        let last = match self.last_fatal.lock() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        (
+            self.fatal_errors.load(Ordering::Relaxed),
+            last.map(|(at, e)| (at.elapsed(), e)),
+        )
+    }
+
+    /// Replaces the main producer when it has raised a fatal error (an idempotent producer
+    /// cannot continue after one); true when it did. Several workers may notice the same
+    /// fatal error; only the first replaces it. Every message the old producer still held
+    /// fails (those queued with a purge error, never sent); their workers send them again.
     pub fn recover_if_fatal(&self) -> Result<bool> {
         let mut guard = match self.producer.write() {
             Ok(g) => g,
@@ -99,42 +199,92 @@ impl Publisher {
         let Some((code, reason)) = guard.client().fatal_error() else {
             return Ok(false);
         };
-        tracing::warn!(
+        self.fatal_errors.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("outbox_relay_producer_fatal_errors_total").increment(1);
+        tracing::error!(
             ?code,
             reason,
             "Kafka producer hit a fatal error; creating a new one"
         );
-        let fresh: FutureProducer = self
+        {
+            let mut last = match self.last_fatal.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *last = Some((Instant::now(), format!("{code:?}: {reason}")));
+        }
+        let fresh: Producer2 = self
             .config
-            .create()
+            .create_with_context(EventsContext(Arc::clone(&self.events)))
             .map_err(Error::kafka("recreating the producer"))?;
         *guard = Arc::new(fresh);
         Ok(true)
     }
 
-    /// Sends `rows` in order and waits for every acknowledgement.
-    pub async fn publish(&self, rows: &[&OutboxRow]) -> PublishOutcome {
+    /// Sends `rows` in order through the main producer and waits for every acknowledgement.
+    /// When a row cannot even be enqueued, the rows after it are not sent (`Sent::NotSent`):
+    /// nothing may go out ahead of it.
+    pub async fn send(&self, rows: &[&OutboxRow]) -> Vec<Sent> {
         let producer = self.current();
         let mut deliveries = Vec::with_capacity(rows.len());
+        let mut refused = None;
         for row in rows {
             match enqueue(&producer, row).await {
                 Ok(d) => deliveries.push(d),
                 Err(e) => {
-                    // Later rows must not go out ahead of this one: stop enqueuing.
-                    let acked = count_acked(join_all(deliveries).await);
-                    return PublishOutcome {
-                        acked: acked.0,
-                        error: acked.1.or(Some(e)),
-                    };
+                    refused = Some(e);
+                    break;
                 }
             }
         }
-        let (acked, error) = count_acked(join_all(deliveries).await);
-        PublishOutcome { acked, error }
+        let mut results: Vec<Sent> = join_all(deliveries)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(Ok(_)) => Sent::Acked,
+                Ok(Err((e, _))) => Sent::Failed(e),
+                // The producer was dropped (recreated) before it reported: unknown, resend.
+                Err(_) => Sent::Failed(KafkaError::Canceled),
+            })
+            .collect();
+        if let Some(e) = refused {
+            results.push(Sent::Failed(e));
+        }
+        while results.len() < rows.len() {
+            results.push(Sent::NotSent);
+        }
+        results
     }
 
-    /// Waits until every enqueued message is delivered or failed; called before exit, since
-    /// dropping a producer purges what is still in flight.
+    /// Sends one row alone through the probe producer and waits for its acknowledgement.
+    pub async fn probe(&self, row: &OutboxRow) -> std::result::Result<(), KafkaError> {
+        let producer = self.probe_producer()?;
+        let delivery = enqueue(&producer, row).await?;
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(e),
+            Err(_) => Err(KafkaError::Canceled),
+        }
+    }
+
+    fn probe_producer(&self) -> std::result::Result<Arc<Producer2>, KafkaError> {
+        let mut guard = match self.probe.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(p) = guard.as_ref() {
+            return Ok(Arc::clone(p));
+        }
+        let p: Producer2 = self
+            .probe_config
+            .create_with_context(EventsContext(Arc::clone(&self.events)))?;
+        let p = Arc::new(p);
+        *guard = Some(Arc::clone(&p));
+        Ok(p)
+    }
+
+    /// Waits until every enqueued message is delivered or failed, for at most `timeout`;
+    /// called before exit, since dropping a producer purges what is still in flight.
     pub fn flush(&self, timeout: Duration) -> Result<()> {
         self.current()
             .flush(timeout)
@@ -142,88 +292,87 @@ impl Publisher {
     }
 }
 
-/// True for errors that retrying the same message cannot fix: the per-topic policy
-/// decides what happens to it. Everything else is retried in place.
-pub fn is_permanent(error: &KafkaError) -> bool {
+/// How a refusal is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Retrying the same message cannot help: the topic's policy decides. The error names the
+    /// message itself (its topic or partition does not exist, or may not be written).
+    Permanent,
+    /// Retrying cannot help, but the broker refused a whole record batch: any message sent
+    /// with it gets the same error, so the one at fault is found by sending them alone.
+    PermanentForItsBatch,
+    /// Worth retrying in place (after the producer was recreated, a broker came back, ...).
+    Retriable,
+}
+
+/// Classifies a refusal. Unknown errors are retried: retrying a message Kafka refuses for good
+/// only delays the partition (visibly), while giving up on one that would have gone through
+/// would move it aside for nothing.
+pub fn classify(error: &KafkaError) -> Refusal {
     use RDKafkaErrorCode as C;
-    matches!(
-        error.rdkafka_error_code(),
+    match error.rdkafka_error_code() {
+        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidRecord) => {
+            Refusal::PermanentForItsBatch
+        }
         Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::MessageBatchTooLarge
-                | C::UnknownTopic
-                | C::UnknownPartition
-                | C::UnknownTopicOrPartition
-                | C::TopicAuthorizationFailed
-                | C::InvalidTopic
-                | C::InvalidRecord
-        )
-    )
+            C::InvalidMessageSize
+            | C::UnknownTopic
+            | C::UnknownPartition
+            | C::UnknownTopicOrPartition
+            | C::TopicAuthorizationFailed
+            | C::InvalidTopic,
+        ) => Refusal::Permanent,
+        _ => Refusal::Retriable,
+    }
 }
 
 /// Enqueues one record, waiting while the producer's local queue is full.
 async fn enqueue(
-    producer: &FutureProducer,
+    producer: &Producer2,
     row: &OutboxRow,
 ) -> std::result::Result<DeliveryFuture, KafkaError> {
-    {
-        let id = row.id.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(row.header_names.len() + 3)
-            .insert(Header {
-                key: HEADER_ID,
-                value: Some(id.as_bytes()),
-            })
-            .insert(Header {
-                key: HEADER_ENTITY_KEY,
-                value: Some(row.entity_key.as_bytes()),
-            });
-        if let Some(t) = &row.event_type {
-            headers = headers.insert(Header {
-                key: HEADER_EVENT_TYPE,
-                value: Some(t.as_bytes()),
-            });
-        }
-        for (k, v) in row.header_names.iter().zip(&row.header_values) {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v.as_slice()),
-            });
-        }
-        let key: &[u8] = row
-            .kafka_key
-            .as_deref()
-            .unwrap_or(row.entity_key.as_bytes());
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&row.topic).key(key).headers(headers);
-        if let Some(p) = &row.payload {
-            record = record.payload(p.as_slice());
-        }
-        if let Some(p) = row.kafka_partition {
-            record = record.partition(p);
-        }
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => return Ok(delivery),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err(e),
+    let id = row.id.to_string();
+    let mut headers = OwnedHeaders::new_with_capacity(row.header_names.len() + 3)
+        .insert(Header {
+            key: HEADER_ID,
+            value: Some(id.as_bytes()),
+        })
+        .insert(Header {
+            key: HEADER_ENTITY_KEY,
+            value: Some(row.entity_key.as_bytes()),
+        });
+    if let Some(t) = &row.event_type {
+        headers = headers.insert(Header {
+            key: HEADER_EVENT_TYPE,
+            value: Some(t.as_bytes()),
+        });
+    }
+    for (k, v) in row.header_names.iter().zip(&row.header_values) {
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(v.as_slice()),
+        });
+    }
+    let key: &[u8] = row
+        .kafka_key
+        .as_deref()
+        .unwrap_or(row.entity_key.as_bytes());
+    let mut record: FutureRecord<'_, [u8], [u8]> =
+        FutureRecord::to(&row.topic).key(key).headers(headers);
+    if let Some(p) = &row.payload {
+        record = record.payload(p.as_slice());
+    }
+    if let Some(p) = row.kafka_partition {
+        record = record.partition(p);
+    }
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            Err((e, _)) => return Err(e),
         }
     }
-}
-
-/// Counts the acknowledged prefix and returns the first error after it.
-fn count_acked(results: Vec<<DeliveryFuture as Future>::Output>) -> (usize, Option<KafkaError>) {
-    let mut acked = 0;
-    for r in results {
-        match r {
-            Ok(Ok(_)) => acked += 1,
-            Ok(Err((e, _))) => return (acked, Some(e)),
-            Err(_) => return (acked, Some(KafkaError::Canceled)),
-        }
-    }
-    (acked, None)
 }

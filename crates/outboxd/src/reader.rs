@@ -29,6 +29,7 @@
 use tokio_postgres::{Client, Statement};
 
 use crate::error::{Error, Result};
+use crate::session::Incarnation;
 use crate::sql::Statements;
 
 /// One message row as read from the outbox table.
@@ -54,6 +55,10 @@ pub struct OutboxRow {
     pub event_type: Option<String>,
     /// When the message was written, in seconds since the Unix epoch (for lag metrics).
     pub created_at_epoch: f64,
+    /// Why the row cannot be published as stored, when it cannot: a column the relay could
+    /// not decode (a NULL inside a header array, written before the SQL functions and the
+    /// table refused it). Such a row goes through its topic's failure policy.
+    pub undecodable: Option<String>,
 }
 
 /// A read window: rows committed in `snapshot` with an id above `cursor`.
@@ -63,12 +68,20 @@ pub struct Window {
     pub snapshot: String,
     /// Ids up to this one are already read.
     pub cursor: i64,
+    /// The database incarnation the snapshot was taken in: only a reader whose session talks
+    /// to the same incarnation may use it (transaction ids of another one mean other things).
+    pub incarnation: Incarnation,
 }
 
 impl Window {
     /// Merges a later window into this one: the union of two consecutive windows is the
-    /// later snapshot read from the smaller start.
+    /// later snapshot read from the smaller start. A window of another incarnation is not
+    /// consecutive: the later one replaces it.
     pub fn merge(&mut self, later: Window) {
+        if later.incarnation != self.incarnation {
+            *self = later;
+            return;
+        }
         self.snapshot = later.snapshot;
         self.cursor = self.cursor.min(later.cursor);
     }
@@ -94,6 +107,9 @@ pub struct PartitionReader {
     /// Set while the current window's late rows (ids up to `LateRows::until`) are read
     /// through the `(xid)` index.
     late: Option<LateRows>,
+    /// The database incarnation of the session this reader reads through; windows of other
+    /// incarnations are refused.
+    incarnation: Incarnation,
 }
 
 /// Below this many ids between a window's start and the high-water mark, the window is
@@ -130,6 +146,8 @@ impl PartitionReader {
             open_own: false,
             high_water: None,
             late: None,
+            // Matches no real incarnation: nothing is accepted before the first `reset`.
+            incarnation: Incarnation::new("none yet"),
         }
     }
 
@@ -139,9 +157,11 @@ impl PartitionReader {
     }
 
     /// Forgets the read state, e.g. after a reconnect (when it is unknown whether the last
-    /// batch was retired) or after an entity was unparked: the next read is the whole
-    /// partition again.
-    pub fn reset(&mut self) {
+    /// batch was retired, and the database may have lost transaction ids) or after an entity
+    /// was unparked: the next read is the whole partition again, through a session of
+    /// `incarnation`.
+    pub fn reset(&mut self, incarnation: Incarnation) {
+        self.incarnation = incarnation;
         self.previous = None;
         self.window = None;
         self.pending = None;
@@ -149,12 +169,19 @@ impl PartitionReader {
         self.late = None;
     }
 
-    /// Hands over a window found by the poller.
-    pub fn offer(&mut self, window: Window) {
+    /// Hands over a window found by the poller. A window whose snapshot was taken in another
+    /// incarnation of the database is refused (returns false): its transaction ids may have
+    /// been handed out again since. Dropping it loses nothing: the rows it stood for were
+    /// committed before this reader's session started, so its first window reads them.
+    pub fn offer(&mut self, window: Window) -> bool {
+        if window.incarnation != self.incarnation {
+            return false;
+        }
         match &mut self.pending {
             Some(p) => p.merge(window),
             None => self.pending = Some(window),
         }
+        true
     }
 
     /// Asks the next read to open a window itself (the poller is not answering).
@@ -205,6 +232,7 @@ impl PartitionReader {
                     self.window = Some(Window {
                         snapshot: window.snapshot,
                         cursor: last.id,
+                        incarnation: window.incarnation,
                     });
                 }
                 // Fewer rows than asked for: the window is exhausted.
@@ -251,6 +279,7 @@ impl PartitionReader {
         self.window = Some(Window {
             snapshot: window.snapshot.clone(),
             cursor,
+            incarnation: window.incarnation.clone(),
         });
         Ok(batch)
     }
@@ -269,7 +298,8 @@ impl PartitionReader {
             .map_err(Error::pg(what))?
             .iter()
             .map(row_to_message)
-            .collect();
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::pg(what))?;
         if let Some(last) = batch.last() {
             self.high_water = Some(self.high_water.map_or(last.id, |h| h.max(last.id)));
         }
@@ -317,6 +347,7 @@ impl PartitionReader {
             Some(min_id) => Some(Window {
                 snapshot,
                 cursor: min_id - 1,
+                incarnation: self.incarnation.clone(),
             }),
             None => {
                 self.previous = Some(snapshot);
@@ -326,17 +357,48 @@ impl PartitionReader {
     }
 }
 
-fn row_to_message(row: &tokio_postgres::Row) -> OutboxRow {
-    OutboxRow {
-        id: row.get(0),
-        topic: row.get(1),
-        entity_key: row.get(2),
-        kafka_key: row.get(3),
-        kafka_partition: row.get(4),
-        payload: row.get(5),
-        header_names: row.get(6),
-        header_values: row.get(7),
-        event_type: row.get(8),
-        created_at_epoch: row.get(9),
+/// Decodes one row. The id, topic and entity key are NOT NULL columns of plain types: a
+/// failure there means the table is not what the relay expects, an error for the caller. Any
+/// other column that cannot be decoded marks the row as undecodable (see
+/// [`OutboxRow::undecodable`]) instead of failing the batch or panicking.
+fn row_to_message(
+    row: &tokio_postgres::Row,
+) -> std::result::Result<OutboxRow, tokio_postgres::Error> {
+    let mut problems: Vec<String> = Vec::new();
+    let kafka_key = lenient(row, 3, "kafka_key", &mut problems).flatten();
+    let kafka_partition = lenient(row, 4, "kafka_partition", &mut problems).flatten();
+    let payload = lenient(row, 5, "payload", &mut problems).flatten();
+    let header_names = lenient(row, 6, "header_names", &mut problems).unwrap_or_default();
+    let header_values = lenient(row, 7, "header_values", &mut problems).unwrap_or_default();
+    let event_type = lenient(row, 8, "event_type", &mut problems).flatten();
+    let created_at_epoch = lenient(row, 9, "created_at", &mut problems).unwrap_or_default();
+    Ok(OutboxRow {
+        id: row.try_get(0)?,
+        topic: row.try_get(1)?,
+        entity_key: row.try_get(2)?,
+        kafka_key,
+        kafka_partition,
+        payload,
+        header_names,
+        header_values,
+        event_type,
+        created_at_epoch,
+        undecodable: (!problems.is_empty()).then(|| problems.join("; ")),
+    })
+}
+
+/// Column `index` of `row`, or `None` with the problem noted.
+fn lenient<'r, T: tokio_postgres::types::FromSql<'r>>(
+    row: &'r tokio_postgres::Row,
+    index: usize,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    match row.try_get(index) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            problems.push(format!("column {name}: {e}"));
+            None
+        }
     }
 }

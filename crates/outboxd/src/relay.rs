@@ -1,6 +1,7 @@
-//! The relay: checks the schema, creates the producer, starts the wake-up poller and one
-//! worker per virtual partition, and on shutdown stops reading, lets in-flight batches
-//! finish within the timeout, and flushes the producer. `outboxd run` is a thin wrapper.
+//! The relay: checks the schema, creates the producer, starts the wake-up poller, the mapping
+//! cleanup and one worker per virtual partition under a supervisor (a task that ends early is
+//! restarted), and on shutdown stops reading, lets in-flight batches finish and flushes the
+//! producer, all within the shutdown timeout. `outboxd run` is a thin wrapper.
 //!
 //! The partition count can change while the relay runs: when the poller finds messages in
 //! a partition without a worker (the count was raised, or entities mapped above a lowered
@@ -10,15 +11,16 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::faults::Faults;
 use crate::health::Health;
 use crate::ownership::Ownership;
 use crate::publisher::Publisher;
 use crate::sql::Statements;
-use crate::wakeup::{Mailbox, Poller, PollerPulse, initial_state};
+use crate::supervisor::{Starter, Supervisor, Task, TaskFuture};
+use crate::wakeup::{Mailbox, Poller, PollerPulse, Served, initial_state};
 use crate::worker::{WorkerContext, run_worker};
 
 /// Runs the relay until `shutdown` completes, then shuts down gracefully. Returns an error
@@ -32,6 +34,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 pub struct Relay {
     config: Config,
     health: Arc<Health>,
+    faults: Arc<Faults>,
 }
 
 impl Relay {
@@ -41,6 +44,7 @@ impl Relay {
         Ok(Relay {
             config,
             health: Arc::new(Health::default()),
+            faults: Arc::new(Faults::default()),
         })
     }
 
@@ -49,9 +53,15 @@ impl Relay {
         Arc::clone(&self.health)
     }
 
+    /// Faults a test can inject into the running relay (to prove that supervision works).
+    #[doc(hidden)]
+    pub fn faults(&self) -> Arc<Faults> {
+        Arc::clone(&self.faults)
+    }
+
     /// Runs until `shutdown` completes, then shuts down gracefully.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        run_relay(self.config, self.health, shutdown).await
+        run_relay(self.config, self.health, self.faults, shutdown).await
     }
 }
 
@@ -61,6 +71,7 @@ const MAX_PARTITIONS: usize = 4096;
 async fn run_relay(
     config: Config,
     health: Arc<Health>,
+    faults: Arc<Faults>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let schema = config.schema()?;
@@ -71,6 +82,7 @@ async fn run_relay(
     let control = crate::session::connect(&pg_config, crate::sql::SESSION_SETUP, "control").await?;
     outbox::check_schema(&control, &schema).await?;
     let sql = Statements::new(&schema);
+    crate::guards::check_id_sequence(&control, &sql).await?;
     // The control connection becomes the poller's: it carries this instance's registration.
     control
         .batch_execute(&sql.register_instance)
@@ -81,75 +93,99 @@ async fn run_relay(
         .query_one(&sql.partitions_to_serve, &[])
         .await
         .map_err(Error::pg("reading the partition count"))?
-        .get(0);
+        .try_get::<_, Option<i32>>(0)
+        .map_err(Error::pg("reading the partition count"))?
+        .ok_or(Error::SettingsMissing)?;
     let publisher = Publisher::new(&config)?;
     let shutdown_timeout = config.shutdown_timeout();
+    let retry = (config.retry_initial(), config.retry_max());
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // A mailbox for every partition there can be, so the poller can hand a window to a
-    // partition whose worker starts only then (see `Poller::spawn`).
+    // partition whose worker starts only then (see `Poller::run`).
     let mailboxes: Vec<Arc<Mailbox>> = (0..MAX_PARTITIONS).map(|_| Arc::default()).collect();
-    let served: Vec<bool> = (0..MAX_PARTITIONS)
-        .map(|p| i32::try_from(p).is_ok_and(|p| p < partitions))
-        .collect();
+    let served = Arc::new(Served::new(MAX_PARTITIONS, partitions));
     let (spawn_tx, mut spawn_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
     let pulse = Arc::new(PollerPulse::default());
     // Taken before any worker starts, so every later commit reaches a worker in a window.
-    let start = initial_state(&control, &sql)
-        .await
-        .map_err(Error::pg("reading the initial snapshot"))?;
-    let mut tasks = JoinSet::new();
-    tasks.spawn(
-        Poller {
-            pg_config: pg_config.clone(),
-            client: control,
-            sql: sql.clone(),
-            interval: config.wakeup_interval(),
-            retry: (config.retry_initial(), config.retry_max()),
-            mailboxes: mailboxes.clone(),
-            served,
-            spawn: spawn_tx,
-            ownership: Arc::clone(&ownership),
-            pulse: Arc::clone(&pulse),
-            start,
-        }
-        .run(stop_rx.clone()),
-    );
-    if config.mapping_cleanup_interval_ms > 0 {
-        tasks.spawn(crate::mappings::run_cleanup(
-            pg_config.clone(),
-            sql.clone(),
-            std::time::Duration::from_millis(config.mapping_cleanup_interval_ms),
-            std::time::Duration::from_secs(config.mapping_ttl_s),
-            (config.retry_initial(), config.retry_max()),
-            stop_rx.clone(),
-        ));
-    }
+    let start = initial_state(&control, &sql).await?;
+    // The first poller gets the control connection and the starting point; a restarted one
+    // connects and starts over (see `Poller::start`).
+    let mut first_poller = Some((control, start));
     let ctx = Arc::new(WorkerContext {
-        pg_config,
-        sql,
+        pg_config: pg_config.clone(),
+        sql: sql.clone(),
         publisher,
         config,
-        health,
-        ownership,
+        health: Arc::clone(&health),
+        ownership: Arc::clone(&ownership),
+        faults,
     });
-    let spawn_worker = |tasks: &mut JoinSet<()>, partition: i32| {
-        let Some(mailbox) = usize::try_from(partition)
-            .ok()
-            .and_then(|p| mailboxes.get(p))
-        else {
-            return;
-        };
-        tasks.spawn(run_worker(
-            partition,
+    let starter: Starter = {
+        let (ctx, stop_rx, mailboxes, pulse) = (
             Arc::clone(&ctx),
             stop_rx.clone(),
-            Arc::clone(mailbox),
+            mailboxes.clone(),
             Arc::clone(&pulse),
-        ));
+        );
+        let first_poller = std::sync::Mutex::new(first_poller.take());
+        Box::new(move |task| -> TaskFuture {
+            match task {
+                Task::Poller => {
+                    let first = match first_poller.lock() {
+                        Ok(mut g) => g.take(),
+                        Err(poisoned) => poisoned.into_inner().take(),
+                    };
+                    let (client, start) = first.map_or((None, None), |(c, s)| (Some(c), Some(s)));
+                    Box::pin(
+                        Poller {
+                            pg_config: ctx.pg_config.clone(),
+                            client,
+                            sql: ctx.sql.clone(),
+                            interval: ctx.config.wakeup_interval(),
+                            retry: (ctx.config.retry_initial(), ctx.config.retry_max()),
+                            mailboxes: mailboxes.clone(),
+                            served: Arc::clone(&served),
+                            spawn: spawn_tx.clone(),
+                            ownership: Arc::clone(&ctx.ownership),
+                            pulse: Arc::clone(&pulse),
+                            start,
+                        }
+                        .run(stop_rx.clone()),
+                    )
+                }
+                Task::MappingCleanup => Box::pin(crate::mappings::run_cleanup(
+                    ctx.pg_config.clone(),
+                    ctx.sql.clone(),
+                    std::time::Duration::from_millis(ctx.config.mapping_cleanup_interval_ms),
+                    std::time::Duration::from_secs(ctx.config.mapping_ttl_s),
+                    (ctx.config.retry_initial(), ctx.config.retry_max()),
+                    stop_rx.clone(),
+                )),
+                Task::Worker(partition) => {
+                    let mailbox = usize::try_from(partition)
+                        .ok()
+                        .and_then(|p| mailboxes.get(p))
+                        .cloned()
+                        .unwrap_or_default();
+                    Box::pin(run_worker(
+                        partition,
+                        Arc::clone(&ctx),
+                        stop_rx.clone(),
+                        mailbox,
+                        Arc::clone(&pulse),
+                    ))
+                }
+            }
+        })
     };
+    let mut supervisor = Supervisor::new(starter, retry, Arc::clone(&health), stop_rx.clone());
+    supervisor.spawn(Task::Poller);
+    if ctx.config.mapping_cleanup_interval_ms > 0 {
+        supervisor.spawn(Task::MappingCleanup);
+    }
     for partition in 0..partitions {
-        spawn_worker(&mut tasks, partition);
+        supervisor.spawn(Task::Worker(partition));
     }
     tracing::info!(partitions, schema = %schema, "relay started");
 
@@ -159,24 +195,31 @@ async fn run_relay(
             () = &mut shutdown => break,
             Some(partition) = spawn_rx.recv() => {
                 tracing::info!(partition, "messages in a partition without a worker: starting one");
-                spawn_worker(&mut tasks, partition);
+                supervisor.spawn(Task::Worker(partition));
+            }
+            running = supervisor.watch_next() => {
+                if !running {
+                    break;
+                }
             }
         }
     }
     tracing::info!("shutting down: finishing in-flight batches");
     stop_tx.send_replace(true);
-    let drained = tokio::time::timeout(shutdown_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    // One deadline for the whole shutdown: workers finish their batches, then the producer
+    // flushes whatever is still in flight, in what is left of the timeout.
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    if !supervisor.drain(shutdown_timeout).await {
         tracing::warn!(
             ?shutdown_timeout,
             "in-flight batches did not finish in time; abandoning them (they are published again on restart)"
         );
-        tasks.abort_all();
     }
-    ctx.publisher.flush(shutdown_timeout)?;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if let Err(e) = ctx.publisher.flush(left) {
+        // Messages not acknowledged were not retired: the next run publishes them.
+        tracing::warn!(error = %e, "the producer could not deliver everything before the shutdown timeout; unacknowledged messages stay in the outbox");
+    }
     tracing::info!("relay stopped");
     Ok(())
 }

@@ -81,6 +81,16 @@ pub struct Statements {
     pub poll_windows: String,
     /// The current snapshot and parked epoch, to start the wake-up poller. No parameters.
     pub current_snapshot: String,
+    /// Which life of the database this session talks to: the cluster's system identifier and
+    /// the token of the unlogged `relay_incarnation` table, created by the first session
+    /// that finds it empty (PostgreSQL empties it in every crash recovery, and a replica's copy
+    /// is empty when it is promoted). NULL when a concurrent session created the token after
+    /// this statement's snapshot: run it again. No parameters.
+    pub incarnation: String,
+    /// The message id sequence: its name, cache size, whether it cycles, its last value, and
+    /// the highest id in use (in the outbox table, each partition's newest row through the
+    /// primary key, and in `dead_letter`). No parameters.
+    pub id_sequence: String,
     /// Registers this relay instance for as long as the session lives (a session advisory
     /// lock keyed by the backend pid), so instances can count each other. No parameters.
     pub register_instance: String,
@@ -234,6 +244,28 @@ impl Statements {
             current_snapshot: format!(
                 "SELECT pg_current_snapshot()::text, (SELECT parked_epoch FROM {s}.settings)"
             ),
+            incarnation: format!(
+                "WITH created AS (
+                     INSERT INTO {s}.relay_incarnation (token)
+                     SELECT md5(random()::text || clock_timestamp()::text || pg_backend_pid())
+                      WHERE NOT EXISTS (SELECT 1 FROM {s}.relay_incarnation)
+                     ON CONFLICT DO NOTHING
+                     RETURNING token
+                 )
+                 SELECT (SELECT system_identifier FROM pg_control_system())::text || '/'
+                        || coalesce((SELECT token FROM created),
+                                    (SELECT token FROM {s}.relay_incarnation))"
+            ),
+            id_sequence: format!(
+                "SELECT q.seq, s.cache_size, s.cycle, s.last_value,
+                        greatest((SELECT max(m.max_id)
+                                    FROM generate_series(0, (SELECT max(partition) FROM {s}.message)) p,
+                                         LATERAL (SELECT max(id) AS max_id FROM {s}.message
+                                                   WHERE partition = p) m),
+                                 (SELECT max(id) FROM {s}.dead_letter))
+                   FROM (SELECT pg_get_serial_sequence('{s}.message', 'id') AS seq) q
+                   LEFT JOIN pg_sequences s ON s.schemaname || '.' || s.sequencename = q.seq"
+            ),
             register_instance: format!(
                 "SELECT pg_advisory_lock(hashtext('outboxd instances {s}'), pg_backend_pid())"
             ),
@@ -284,6 +316,8 @@ impl Statements {
             ("unpark_entity", &self.unpark_entity),
             ("poll_windows", &self.poll_windows),
             ("current_snapshot", &self.current_snapshot),
+            ("incarnation", &self.incarnation),
+            ("id_sequence", &self.id_sequence),
             ("register_instance", &self.register_instance),
             ("count_instances", &self.count_instances),
             ("lock_forgettable_mappings", &self.lock_forgettable_mappings),

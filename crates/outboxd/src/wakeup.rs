@@ -4,7 +4,7 @@
 //! snapshot, with one query over the xid index for all partitions, and hands each such
 //! partition its read window through a [`Mailbox`]. Workers of quiet partitions do nothing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use crate::backoff::Backoff;
 use crate::ownership::Ownership;
 use crate::periodic::Periodic;
 use crate::reader::Window;
+use crate::session::Incarnation;
 use crate::sql::{SESSION_SETUP, Statements};
 
 /// What the poller left for one worker: a window (merged with earlier ones not yet
@@ -54,9 +55,14 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    /// Asks the worker to reread its partition from the start.
+    /// Asks the worker to reread its partition from the start. A window not yet taken is
+    /// dropped: the reread covers it.
     pub fn reset(&self) {
-        self.lock().reset = true;
+        {
+            let mut s = self.lock();
+            s.reset = true;
+            s.window = None;
+        }
         self.notify.notify_one();
     }
 
@@ -100,22 +106,78 @@ impl PollerPulse {
     }
 }
 
-/// The poller's starting point: the snapshot and parked epoch read before any worker
-/// starts, so every commit after it reaches a worker through a window.
-pub async fn initial_state(
-    client: &Client,
-    sql: &Statements,
-) -> Result<(String, i64), tokio_postgres::Error> {
-    let row = client.query_one(&sql.current_snapshot, &[]).await?;
-    Ok((row.get(0), row.get(1)))
+/// Where the poller starts from: a snapshot with the parked epoch of its moment, and the
+/// incarnation of the database it was taken in.
+#[derive(Debug, Clone)]
+pub struct PollerStart {
+    /// The snapshot, as `pg_snapshot` text.
+    pub snapshot: String,
+    /// `settings.parked_epoch` at the time.
+    pub parked_epoch: i64,
+    /// The incarnation of the session the snapshot was taken on.
+    pub incarnation: Incarnation,
+}
+
+/// The poller's starting point, read before any worker starts (so every commit after it
+/// reaches a worker through a window), and again whenever the poller reconnects to another
+/// incarnation of the database.
+pub async fn initial_state(client: &Client, sql: &Statements) -> crate::Result<PollerStart> {
+    let incarnation = crate::session::incarnation(client, sql).await?;
+    let row = client
+        .query_one(&sql.current_snapshot, &[])
+        .await
+        .map_err(crate::Error::pg("reading the current snapshot"))?;
+    Ok(PollerStart {
+        snapshot: row
+            .try_get(0)
+            .map_err(crate::Error::pg("reading the current snapshot"))?,
+        parked_epoch: parked_epoch(&row, 1)?,
+        incarnation,
+    })
+}
+
+/// Column `index` of `row`: `settings.parked_epoch`, which is missing when someone deleted
+/// the settings row.
+fn parked_epoch(row: &tokio_postgres::Row, index: usize) -> crate::Result<i64> {
+    row.try_get::<_, Option<i64>>(index)
+        .map_err(crate::Error::pg("reading settings.parked_epoch"))?
+        .ok_or(crate::Error::SettingsMissing)
+}
+
+/// The partitions that have a worker in this relay instance, shared by the relay (which
+/// starts the workers) and the poller (which asks for a worker where it finds messages).
+#[derive(Debug)]
+pub struct Served(Vec<AtomicBool>);
+
+impl Served {
+    /// Room for `capacity` partitions; `0..initial` are served.
+    pub fn new(capacity: usize, initial: i32) -> Self {
+        Served(
+            (0..capacity)
+                .map(|p| AtomicBool::new(i32::try_from(p).is_ok_and(|p| p < initial)))
+                .collect(),
+        )
+    }
+
+    /// Marks `partition` served; true when it was not yet (the caller starts its worker).
+    pub fn claim(&self, index: usize) -> bool {
+        self.0
+            .get(index)
+            .is_some_and(|s| !s.swap(true, Ordering::Relaxed))
+    }
+
+    /// How many partitions are served.
+    pub fn count(&self) -> usize {
+        self.0.iter().filter(|s| s.load(Ordering::Relaxed)).count()
+    }
 }
 
 /// Everything the poller needs.
 pub struct Poller {
     /// Connection settings, for reconnecting.
     pub pg_config: tokio_postgres::Config,
-    /// The first connection (already set up).
-    pub client: Client,
+    /// The first connection (already set up), or `None` to connect (a restarted poller).
+    pub client: Option<Client>,
     /// The SQL texts.
     pub sql: Statements,
     /// Time between polls.
@@ -127,7 +189,7 @@ pub struct Poller {
     /// Partitions with a worker; `spawn` asks for a worker for any other partition the
     /// poller finds messages in (the partition count was raised, or a lowered count left
     /// sticky entities above it).
-    pub served: Vec<bool>,
+    pub served: Arc<Served>,
     /// Where to ask for a new worker.
     pub spawn: tokio::sync::mpsc::UnboundedSender<i32>,
     /// This instance's fair share of partitions, updated from the count of registered
@@ -135,29 +197,34 @@ pub struct Poller {
     pub ownership: Arc<Ownership>,
     /// Where the poller reports that it is alive.
     pub pulse: Arc<PollerPulse>,
-    /// From [`initial_state`].
-    pub start: (String, i64),
+    /// From [`initial_state`], taken before the workers started; `None` for a restarted
+    /// poller, which starts from a fresh snapshot and has every worker reread its partition
+    /// (commits made while no poller ran are announced by no window).
+    pub start: Option<PollerStart>,
 }
 
 impl Poller {
-    /// Polls until `stop` turns true. Keeps its last snapshot across reconnects, so the
-    /// first window after an outage covers the outage.
+    /// Polls until `stop` turns true. Keeps its last snapshot across a reconnect to the same
+    /// incarnation of the database, so the first window after an outage covers the outage.
+    /// After a reconnect to another incarnation (crash recovery, failover) the old snapshot
+    /// means nothing: it starts from a fresh one and has every worker reread its partition
+    /// from the start (the fresh snapshot is taken first, so every commit is in a reread or in
+    /// a later window).
     pub async fn run(self, stop: watch::Receiver<bool>) {
         let Poller {
             pg_config,
-            client,
+            mut client,
             sql,
             interval,
             retry,
             mailboxes,
-            mut served,
+            served,
             spawn,
             ownership,
             pulse,
             start,
         } = self;
-        let mut client = Some(client);
-        let (mut previous, mut epoch) = start;
+        let mut state = start;
         let mut periodic = Periodic::new(interval, stop);
         let mut backoff = Backoff::new(retry.0, retry.1);
         // `poll_windows` prepared on the current connection.
@@ -166,11 +233,36 @@ impl Poller {
         // Said once, not every tick.
         let mut warned_outside = false;
         while periodic.tick().await {
-            let Some(c) = client.as_ref().filter(|c| !c.is_closed()) else {
+            let (Some(c), Some(current)) = (client.as_ref().filter(|c| !c.is_closed()), &mut state)
+            else {
                 prepared = None;
                 client = reconnect(&pg_config, &sql.register_instance).await;
-                if client.is_none() {
-                    tokio::time::sleep(backoff.next_delay()).await;
+                let fresh = match &client {
+                    Some(c) => initial_state(c, &sql).await.map_err(|e| {
+                        tracing::warn!(error = %e, "wake-up poller cannot read its starting point");
+                    }),
+                    None => Err(()),
+                };
+                match (fresh, &state) {
+                    (Ok(fresh), Some(s)) if fresh.incarnation == s.incarnation => {}
+                    (Ok(fresh), old) => {
+                        match old {
+                            Some(s) => tracing::warn!(
+                                old = %s.incarnation, new = %fresh.incarnation,
+                                "the database restarted from a crash or failed over (transaction \
+                                 ids may repeat): every partition is reread from its start"
+                            ),
+                            None => tracing::info!(
+                                "wake-up poller (re)started: every partition is reread from its start"
+                            ),
+                        }
+                        state = Some(fresh);
+                        mailboxes.iter().for_each(|m| m.reset());
+                    }
+                    (Err(()), _) => {
+                        client = None;
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
                 }
                 continue;
             };
@@ -182,7 +274,7 @@ impl Poller {
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             };
-            match c.query_one(poll, &[&previous]).await {
+            match c.query_one(poll, &[&current.snapshot]).await {
                 Ok(row) => {
                     backoff.reset();
                     pulse.beat();
@@ -190,18 +282,31 @@ impl Poller {
                         counted_at = Some(Instant::now());
                         if let Ok(r) = c.query_one(&sql.count_instances, &[]).await {
                             let instances: i64 = r.get(0);
-                            ownership.set_share(
-                                served.iter().filter(|s| **s).count(),
-                                usize::try_from(instances).unwrap_or(1),
-                            );
+                            ownership
+                                .set_share(served.count(), usize::try_from(instances).unwrap_or(1));
                         }
                     }
-                    let snapshot: String = row.get(0);
-                    let parked_epoch: i64 = row.get(1);
-                    let partitions: Option<Vec<i32>> = row.get(2);
-                    let min_ids: Option<Vec<i64>> = row.get(3);
-                    if parked_epoch != epoch {
-                        epoch = parked_epoch;
+                    let decoded = (|| {
+                        Ok::<_, crate::Error>((
+                            row.try_get::<_, String>(0)
+                                .map_err(crate::Error::pg("reading the poll"))?,
+                            parked_epoch(&row, 1)?,
+                            row.try_get::<_, Option<Vec<i32>>>(2)
+                                .map_err(crate::Error::pg("reading the poll"))?,
+                            row.try_get::<_, Option<Vec<i64>>>(3)
+                                .map_err(crate::Error::pg("reading the poll"))?,
+                        ))
+                    })();
+                    let (snapshot, parked_epoch, partitions, min_ids) = match decoded {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::error!(error = %e, "wake-up poll answered something unusable; workers fall back to polling");
+                            tokio::time::sleep(backoff.next_delay()).await;
+                            continue;
+                        }
+                    };
+                    if parked_epoch != current.parked_epoch {
+                        current.parked_epoch = parked_epoch;
                         mailboxes.iter().for_each(|m| m.reset());
                     }
                     for (p, min_id) in partitions
@@ -222,15 +327,15 @@ impl Poller {
                         mailboxes[index].offer(Window {
                             snapshot: snapshot.clone(),
                             cursor: min_id - 1,
+                            incarnation: current.incarnation.clone(),
                         });
-                        if !served[index] {
+                        if served.claim(index) {
                             // The new worker's first window is the whole partition; the
                             // window left here stays pending and reads nothing twice.
-                            served[index] = true;
                             let _ = spawn.send(p);
                         }
                     }
-                    previous = snapshot;
+                    current.snapshot = snapshot;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "wake-up poll failed; workers fall back to polling");

@@ -1,25 +1,26 @@
 //! One virtual partition's worker: owns the partition through a session advisory lock on its
-//! own connection, then loops read batch -> publish (retrying in place) -> delete, strictly
-//! one batch at a time so that order holds. Messages Kafka refuses for good go through the
-//! topic's policy (block, dead_letter, park_entity). When PostgreSQL goes away the worker
-//! reconnects with backoff and rereads the partition from its start, so nothing is lost (a
-//! batch whose delete did not happen is published again: at least once).
+//! own connection, then loops read a batch -> deliver it (`delivery`) -> retire what Kafka
+//! acknowledged, strictly one batch at a time so that order holds. When PostgreSQL goes away
+//! the worker reconnects with backoff and rereads the partition from its start, so nothing is
+//! lost (a batch whose delete did not happen is published again: at least once).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::error::KafkaError;
 use tokio::sync::watch;
 use tokio_postgres::{Client, Statement};
 
 use crate::backoff::Backoff;
-use crate::config::{Config, ErrorPolicy};
+use crate::config::Config;
+use crate::delivery::Outcome;
 use crate::error::{Error, Result};
+use crate::faults::Faults;
 use crate::health::{Health, PartitionState};
 use crate::metrics::PartitionMetrics;
 use crate::ownership::Ownership;
-use crate::publisher::{Publisher, is_permanent};
-use crate::reader::{OutboxRow, PartitionReader, ReadStatements};
+use crate::publisher::Publisher;
+use crate::reader::{PartitionReader, ReadStatements};
+use crate::session::Incarnation;
 use crate::sql::Statements;
 use crate::wakeup::{Mailbox, PollerPulse};
 
@@ -29,7 +30,7 @@ pub struct WorkerContext {
     pub pg_config: tokio_postgres::Config,
     /// The SQL texts.
     pub sql: Statements,
-    /// The Kafka producer.
+    /// The Kafka producers.
     pub publisher: Publisher,
     /// Batch size, intervals, retry settings and policies.
     pub config: Config,
@@ -37,6 +38,8 @@ pub struct WorkerContext {
     pub health: Arc<Health>,
     /// This instance's share of the partitions (see `ownership`).
     pub ownership: Arc<Ownership>,
+    /// Faults a test asked for (see `faults`); none in production.
+    pub faults: Arc<Faults>,
 }
 
 /// A worker's connection, holding its partition's advisory lock, with the statements it
@@ -45,6 +48,8 @@ struct Session {
     client: Client,
     read: ReadStatements,
     delete_batch: Statement,
+    /// The database incarnation this connection talks to.
+    incarnation: Incarnation,
 }
 
 /// Why a worker's inner loop ended.
@@ -57,22 +62,39 @@ enum Exit {
     Release,
 }
 
-/// How delivering one batch ended.
-enum Delivery {
-    /// Every message was acknowledged or moved aside by its policy.
-    Done,
-    /// A message was refused for good under the `block` policy.
-    Blocked,
-    /// Shutdown interrupted the retries.
-    Stopped,
+/// One partition worker's own state; `delivery` adds the delivery of a batch.
+pub(crate) struct Worker<'a> {
+    pub(crate) partition: i32,
+    pub(crate) ctx: &'a WorkerContext,
+    pub(crate) metrics: PartitionMetrics,
+    stop: watch::Receiver<bool>,
 }
 
-/// One partition worker's own state.
-struct Worker<'a> {
-    partition: i32,
-    ctx: &'a WorkerContext,
-    metrics: PartitionMetrics,
-    stop: watch::Receiver<bool>,
+/// Counts the partition as held by this instance for as long as it lives; dropping it (the
+/// worker let the partition go, lost its connection, or panicked) gives the count back, so a
+/// dead worker never leaves the instance believing it holds more than it does.
+struct Held<'a> {
+    ownership: &'a Ownership,
+    /// Set when `Ownership::release_one` already gave the count back.
+    released: bool,
+}
+
+impl<'a> Held<'a> {
+    fn new(ownership: &'a Ownership) -> Self {
+        ownership.took();
+        Held {
+            ownership,
+            released: false,
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            self.ownership.lost();
+        }
+    }
 }
 
 /// Runs the worker for `partition` until `stop` turns true.
@@ -107,7 +129,6 @@ pub async fn run_worker(
         let session = match w.connect_and_lock().await {
             Ok(Some(c)) => {
                 reconnect.reset();
-                ctx.ownership.took();
                 c
             }
             Ok(None) => {
@@ -129,15 +150,18 @@ pub async fn run_worker(
                 continue;
             }
         };
+        let mut held = Held::new(&ctx.ownership);
         tracing::debug!(partition, "partition acquired");
         w.set_state(PartitionState::Relaying);
-        reader.reset();
+        reader.reset(session.incarnation.clone());
         let exit = w.work(&session, &mut reader, &mailbox, &pulse).await;
         // Closing the connection releases the partition's advisory lock.
         drop(session);
         match exit {
             Exit::Stop => return,
             Exit::Release => {
+                held.released = true;
+                drop(held);
                 tracing::info!(partition, "above this instance's share: partition released");
                 w.set_state(PartitionState::OwnedElsewhere);
                 if w.sleep_or_stop(ctx.config.retry_max()).await {
@@ -145,7 +169,7 @@ pub async fn run_worker(
                 }
             }
             Exit::Reconnect(e) => {
-                ctx.ownership.lost();
+                drop(held);
                 tracing::warn!(partition, error = %e, "partition worker lost PostgreSQL; reconnecting");
                 w.set_state(PartitionState::Disconnected {
                     error: e.to_string(),
@@ -159,7 +183,8 @@ pub async fn run_worker(
 }
 
 impl Worker<'_> {
-    fn set_state(&self, state: PartitionState) {
+    /// Records this partition's state for `/health` and the blocked gauge.
+    pub(crate) fn set_state(&self, state: PartitionState) {
         self.metrics
             .blocked
             .set(if matches!(state, PartitionState::Blocked { .. }) {
@@ -175,7 +200,7 @@ impl Worker<'_> {
     }
 
     /// Sleeps for `d`; returns true when shutdown was requested meanwhile.
-    async fn sleep_or_stop(&mut self, d: Duration) -> bool {
+    pub(crate) async fn sleep_or_stop(&mut self, d: Duration) -> bool {
         tokio::select! {
             _ = tokio::time::sleep(d) => {}
             _ = self.stop.changed() => {}
@@ -217,10 +242,12 @@ impl Worker<'_> {
             .prepare(&self.ctx.sql.delete_batch)
             .await
             .map_err(Error::pg("preparing the batch delete"))?;
+        let incarnation = crate::session::incarnation(&client, &self.ctx.sql).await?;
         Ok(Some(Session {
             client,
             read,
             delete_batch,
+            incarnation,
         }))
     }
 
@@ -234,10 +261,13 @@ impl Worker<'_> {
         // The poller counts as stalled when it missed many ticks; then this worker opens
         // its own windows every poll interval.
         let stall = self.ctx.config.poll_interval() + self.ctx.config.wakeup_interval() * 20;
+        // The message that blocked this partition, tried alone first on the next attempt.
+        let mut blocked: Option<i64> = None;
         loop {
             if self.stopping() {
                 return Exit::Stop;
             }
+            self.ctx.faults.before_batch(self.partition);
             // Between batches (the last one is retired or will be reread), so another
             // instance can take over cleanly.
             if self.ctx.ownership.release_one() {
@@ -245,10 +275,15 @@ impl Worker<'_> {
             }
             let delivered = mailbox.take();
             if delivered.reset {
-                reader.reset();
+                reader.reset(session.incarnation.clone());
             }
-            if let Some(window) = delivered.window {
-                reader.offer(window);
+            if let Some(window) = delivered.window
+                && !reader.offer(window)
+            {
+                tracing::debug!(
+                    partition = self.partition,
+                    "window from another incarnation of the database dropped (this session rereads)"
+                );
             }
             if !reader.has_work() {
                 // Caught up: wait for the poller to hand over a window.
@@ -285,7 +320,7 @@ impl Worker<'_> {
             self.metrics
                 .oldest_age
                 .set((now_epoch() - first.created_at_epoch).max(0.0));
-            let (acked, outcome) = match self.deliver(client, &batch).await {
+            let (acked, outcome) = match self.deliver(client, &batch, blocked).await {
                 Ok(r) => r,
                 Err(e) => return Exit::Reconnect(e),
             };
@@ -306,125 +341,26 @@ impl Worker<'_> {
                 self.metrics.published.increment(acked.len() as u64);
             }
             match outcome {
-                Delivery::Done => {
+                Outcome::Done => {
+                    blocked = None;
                     self.metrics.batches.increment(1);
                     self.metrics
                         .batch_duration
                         .record(started.elapsed().as_secs_f64());
                     self.set_state(PartitionState::Relaying);
                 }
-                Delivery::Stopped => return Exit::Stop,
-                Delivery::Blocked => {
+                Outcome::Stopped => return Exit::Stop,
+                Outcome::Blocked { message_id } => {
+                    blocked = Some(message_id);
                     // Reread from the database on the next try: an operator may have moved
                     // the message aside (`outboxd skip`) or fixed its cause meanwhile.
-                    reader.reset();
+                    reader.reset(session.incarnation.clone());
                     if self.sleep_or_stop(self.ctx.config.retry_max()).await {
                         return Exit::Stop;
                     }
                 }
             }
         }
-    }
-
-    /// Publishes `batch`, retrying from the first unacknowledged message with backoff, and
-    /// applies the topic's policy to messages refused for good. Returns the acknowledged rows
-    /// (to be deleted by the caller) and how it ended.
-    async fn deliver<'b>(
-        &mut self,
-        client: &Client,
-        batch: &'b [OutboxRow],
-    ) -> Result<(Vec<&'b OutboxRow>, Delivery)> {
-        let mut pending: Vec<&OutboxRow> = batch.iter().collect();
-        let mut acked = Vec::with_capacity(batch.len());
-        let mut backoff =
-            Backoff::new(self.ctx.config.retry_initial(), self.ctx.config.retry_max());
-        let mut attempts = 0u32;
-        loop {
-            let outcome = self.ctx.publisher.publish(&pending).await;
-            acked.extend(pending.drain(..outcome.acked));
-            let (Some(error), Some(&row)) = (outcome.error, pending.first()) else {
-                return Ok((acked, Delivery::Done));
-            };
-            if self.ctx.publisher.recover_if_fatal()? {
-                continue;
-            }
-            if is_permanent(&error) {
-                self.metrics.permanent_errors.increment(1);
-                match self.ctx.config.policy_for(&row.topic) {
-                    ErrorPolicy::Block => {
-                        tracing::error!(partition = self.partition, message_id = row.id, topic = %row.topic, %error,
-                            "Kafka refused the message for good; partition blocked until an operator acts (policy block)");
-                        self.set_state(PartitionState::Blocked {
-                            message_id: row.id,
-                            error: error.to_string(),
-                        });
-                        return Ok((acked, Delivery::Blocked));
-                    }
-                    ErrorPolicy::DeadLetter => {
-                        self.move_aside(
-                            client,
-                            &self.ctx.sql.dead_letter,
-                            row,
-                            &error,
-                            Some("dead_letter"),
-                        )
-                        .await?;
-                        self.metrics.dead_lettered.increment(1);
-                        pending.remove(0);
-                    }
-                    ErrorPolicy::ParkEntity => {
-                        self.move_aside(client, &self.ctx.sql.park_message, row, &error, None)
-                            .await?;
-                        self.metrics.parked.increment(1);
-                        // The entity's later messages stay in the table, held back.
-                        pending.retain(|r| r.entity_key != row.entity_key);
-                    }
-                }
-                continue;
-            }
-            self.metrics.retriable_errors.increment(1);
-            attempts += 1;
-            // Log the first failure and then every tenth, not every retry.
-            if attempts == 1 || attempts % 10 == 0 {
-                tracing::warn!(partition = self.partition, attempts, message_id = row.id, %error,
-                    "publishing failed; retrying the batch in place");
-            }
-            self.set_state(PartitionState::Retrying {
-                message_id: row.id,
-                error: error.to_string(),
-            });
-            if self.sleep_or_stop(backoff.next_delay()).await {
-                return Ok((acked, Delivery::Stopped));
-            }
-        }
-    }
-
-    /// Moves `row` to the dead-letter table (and parks its entity, for `park_message`).
-    async fn move_aside(
-        &self,
-        client: &Client,
-        sql: &str,
-        row: &OutboxRow,
-        error: &KafkaError,
-        policy: Option<&str>,
-    ) -> Result<()> {
-        let error = error.to_string();
-        let result = match policy {
-            Some(policy) => {
-                client
-                    .execute(sql, &[&self.partition, &row.id, &policy, &error])
-                    .await
-            }
-            None => {
-                client
-                    .execute(sql, &[&self.partition, &row.id, &error])
-                    .await
-            }
-        };
-        result.map_err(Error::pg("moving a refused message to dead_letter"))?;
-        tracing::warn!(partition = self.partition, message_id = row.id, entity_key = %row.entity_key,
-            topic = %row.topic, %error, policy = policy.unwrap_or("park_entity"), "message moved to dead_letter");
-        Ok(())
     }
 }
 

@@ -251,3 +251,175 @@ pub fn assert_dedup_order(
     assert_eq!(kept.len(), expected.len(), "unexpected entities arrived");
     dropped
 }
+
+/// A PostgreSQL cluster of one test's own, for tests that crash or restart the database
+/// (which the shared server of `scripts/services` must never be). Uses the server binaries
+/// `scripts/services up` installs from Debian's packages; runs the server as the `postgres`
+/// system user when the test runs as root (PostgreSQL refuses to run as root). Stopped
+/// (immediately) and deleted on drop.
+pub struct ScratchPostgres {
+    dir: std::path::PathBuf,
+    bindir: std::path::PathBuf,
+    port: u16,
+}
+
+impl ScratchPostgres {
+    /// Creates and starts a cluster on a free loopback port with the superuser `outbox` and
+    /// `settings` (postgresql.conf lines, e.g. `wal_writer_delay = 10s`) added.
+    pub fn start(settings: &[&str]) -> ScratchPostgres {
+        let bindir = postgres_bindir();
+        let dir = std::env::temp_dir().join(unique_name("outbox_pg"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
+        if is_root() {
+            run(
+                "chown",
+                &["postgres:postgres", &dir.to_string_lossy()],
+                None,
+            );
+        }
+        let port = free_port();
+        let data = dir.join("data");
+        run(
+            &bindir.join("initdb").to_string_lossy(),
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                "outbox",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
+            Some(&dir),
+        );
+        let mut conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n",
+            dir.display()
+        );
+        for s in settings {
+            conf.push_str(s);
+            conf.push('\n');
+        }
+        let path = data.join("postgresql.conf");
+        let mut text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path:?}: {e}"));
+        text.push_str(&conf);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path:?}: {e}"));
+        let pg = ScratchPostgres { dir, bindir, port };
+        pg.start_again();
+        pg
+    }
+
+    /// The port it listens on (loopback).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL of database `postgres` as the superuser `outbox`.
+    pub fn url(&self) -> String {
+        format!("postgres://outbox@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server the way a crash does (`pg_ctl -m immediate`): no checkpoint, WAL not
+    /// yet flushed is lost, and the next start runs crash recovery.
+    pub fn crash(&self) {
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Stops the server cleanly (`pg_ctl -m fast`).
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts the (stopped) server and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let log = self.dir.join("postgres.log");
+        self.pg_ctl(&["-l", &log.to_string_lossy(), "-w", "-t", "60", "start"]);
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.join("data");
+        let mut all = vec!["-D", data.to_str().unwrap_or_default()];
+        all.extend_from_slice(args);
+        run(
+            &self.bindir.join("pg_ctl").to_string_lossy(),
+            &all,
+            Some(&self.dir),
+        );
+    }
+}
+
+impl Drop for ScratchPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = as_postgres_user(&self.bindir.join("pg_ctl").to_string_lossy())
+            .args(["-D", &data.to_string_lossy(), "-m", "immediate", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn postgres_bindir() -> std::path::PathBuf {
+    let mut dirs: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .filter(|bin| bin.join("initdb").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs.pop().unwrap_or_else(|| {
+        panic!("PostgreSQL server binaries not found under /usr/lib/postgresql; {START_HINT}")
+    })
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// A command for PostgreSQL's binaries, run as the `postgres` user when we are root.
+fn as_postgres_user(program: &str) -> std::process::Command {
+    if is_root() {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+/// Runs a PostgreSQL tool (or `chown`), panicking with its output when it fails.
+fn run(program: &str, args: &[&str], dir: Option<&std::path::Path>) {
+    let mut cmd = if program == "chown" {
+        std::process::Command::new(program)
+    } else {
+        as_postgres_user(program)
+    };
+    cmd.args(args);
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("finding a free port: {e}"))
+}

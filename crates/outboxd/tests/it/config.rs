@@ -51,14 +51,25 @@ fn passthrough_that_breaks_ordering_is_refused() {
     config
         .kafka
         .insert("max.in.flight.requests.per.connection".into(), "20".into());
+    // A message that times out leaves a gap its entity's next message can overtake.
+    config
+        .kafka
+        .insert("message.timeout.ms".into(), "1500".into());
+    config
+        .kafka
+        .insert("delivery.timeout.ms".into(), "1500".into());
     let err = config
         .validate()
         .expect_err("ordering-breaking passthrough")
         .to_string();
-    assert!(
-        err.contains("enable.idempotence") && err.contains("max.in.flight"),
-        "{err}"
-    );
+    for key in [
+        "enable.idempotence",
+        "max.in.flight",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+    ] {
+        assert!(err.contains(key), "{key} not refused: {err}");
+    }
 }
 
 #[test]

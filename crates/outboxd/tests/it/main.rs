@@ -3,13 +3,18 @@
 
 mod auto_topic;
 mod config;
+mod crash;
 mod dead_rows;
 mod end_to_end;
+mod guards;
 mod http;
 mod late_commit;
 mod mappings;
 mod outages;
 mod policies;
 mod process;
+mod proxy;
+mod refusals;
 mod scaling;
+mod supervision;
 mod support;

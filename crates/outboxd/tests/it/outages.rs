@@ -3,70 +3,12 @@
 //! the other tests). Application writes carry on; the relay backs off, resumes by itself,
 //! and nothing is lost or reordered.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::proxy::PgProxy;
+use crate::support::{RunningRelay, Setup, wait_until, write_messages};
 use outboxd::health::PartitionState;
 use rdkafka::mocking::MockCluster;
-use tokio::io::copy_bidirectional;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-
-use crate::support::{RunningRelay, Setup, wait_until, write_messages};
-
-/// A TCP proxy to PostgreSQL. `cut()` drops every open connection and refuses new ones
-/// until `restore()`: what the relay sees when the database restarts.
-struct PgProxy {
-    port: u16,
-    up: Arc<AtomicBool>,
-    generation: watch::Sender<u64>,
-}
-
-impl PgProxy {
-    async fn start(target: String) -> PgProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
-        let up = Arc::new(AtomicBool::new(true));
-        let (generation, _) = watch::channel(0u64);
-        let (up2, gen2) = (up.clone(), generation.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    return;
-                };
-                if !up2.load(Ordering::SeqCst) {
-                    continue; // dropped: connection refused-ish
-                }
-                let mut cut = gen2.subscribe();
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        PgProxy {
-            port,
-            up,
-            generation,
-        }
-    }
-
-    fn cut(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
 
 fn entity_messages(prefix: &str, n: usize) -> Vec<(String, Vec<u8>)> {
     (0..n)
@@ -94,12 +36,7 @@ async fn postgres_outage_relay_reconnects_and_loses_nothing() {
     let topic = outbox_testkit::create_topic("pgdown", 3).await;
     let pg: tokio_postgres::Config = outbox_testkit::database_url().parse().expect("url");
     let proxy = PgProxy::start(format!("127.0.0.1:{}", pg.get_ports()[0])).await;
-    let url = format!(
-        "postgres://{}@127.0.0.1:{}/{}",
-        pg.get_user().unwrap_or("outbox"),
-        proxy.port,
-        pg.get_dbname().unwrap_or("outbox_test")
-    );
+    let url = proxy.url_for(&outbox_testkit::database_url());
     let relay = RunningRelay::start(outboxd::Config {
         database_url: url,
         retry_initial_ms: 50,
@@ -144,16 +81,12 @@ async fn kafka_outage_writes_carry_on_and_relay_resumes_in_order() {
     let topic = "mock-outage";
     mock.create_topic(topic, 2, 1).expect("topic");
     let setup = Setup::new(2).await;
-    let mut config = outboxd::Config {
+    let config = outboxd::Config {
         brokers: mock.bootstrap_servers(),
         retry_initial_ms: 50,
         retry_max_ms: 500,
         ..setup.relay_config()
     };
-    // Fail deliveries fast, so the relay's own retry-in-place runs, not only librdkafka's.
-    config
-        .kafka
-        .insert("message.timeout.ms".into(), "1500".into());
     let relay = RunningRelay::start(config);
     let mut expected = write_messages(&setup.outbox, topic, &entity_messages("a", 50)).await;
     let first = outbox_testkit::consume_from(

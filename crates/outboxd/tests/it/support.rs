@@ -80,6 +80,7 @@ pub struct RunningRelay {
     stop: oneshot::Sender<()>,
     task: JoinHandle<outboxd::Result<()>>,
     pub health: std::sync::Arc<outboxd::health::Health>,
+    pub faults: std::sync::Arc<outboxd::faults::Faults>,
 }
 
 impl RunningRelay {
@@ -87,10 +88,16 @@ impl RunningRelay {
         let (stop, stopped) = oneshot::channel::<()>();
         let relay = outboxd::Relay::new(config).expect("valid config");
         let health = relay.health();
+        let faults = relay.faults();
         let task = tokio::spawn(relay.run(async {
             let _ = stopped.await;
         }));
-        RunningRelay { stop, task, health }
+        RunningRelay {
+            stop,
+            task,
+            health,
+            faults,
+        }
     }
 
     /// The state of `partition`, if the relay has reported one.

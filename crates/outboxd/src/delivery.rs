@@ -1,0 +1,422 @@
+//! Delivering one batch of a partition to Kafka: publish, classify every outcome, retry in
+//! place, and apply the topic's policy to a message Kafka refuses for good.
+//!
+//! **Rounds.** A batch is sent in rounds. A round holds, for every entity, its pending
+//! messages in id order up to the first one bound for another *lane* (topic plus Kafka key or
+//! explicit partition): within a lane the idempotent, gap-less producer keeps order and fails
+//! everything behind a refused message, but across lanes nothing does, so an entity's message
+//! for another lane waits until the earlier ones were acknowledged. An entity that writes to
+//! one topic with its default key (the common case) is sent in one round.
+//!
+//! **Refusals.** A message refused for good goes through its topic's policy, and only that
+//! message: the broker refuses a whole record batch and reports the error for every message
+//! in it, so messages refused with a batch-level error are sent again one at a time, alone,
+//! through the probe producer, and the one that is refused alone is the one at fault. The
+//! innocent ones are acknowledged on the way. A message that blocked the partition is, on
+//! every retry, tried alone through the probe producer first, so a poison message never
+//! reaches the shared producer twice (its gap-less guarantee turns a refusal into a fatal
+//! error that fails every partition's messages in flight). A row the reader could not decode
+//! is refused without being sent.
+//!
+//! **Order under each policy.** `block`: nothing of the refused message's entity after it is
+//! sent, and the partition sends nothing more until the message is published or moved aside
+//! (messages of other entities already in flight when the refusal came back may have been
+//! published). `park_entity`: the entity's later messages are held back until it is
+//! unparked; other entities go on. `dead_letter`: the entity's later messages are published
+//! without the refused one.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use tokio_postgres::Client;
+
+use crate::backoff::Backoff;
+use crate::config::ErrorPolicy;
+use crate::error::{Error, Result};
+use crate::health::PartitionState;
+use crate::publisher::{Refusal, Sent, classify};
+use crate::reader::OutboxRow;
+use crate::worker::Worker;
+
+/// How delivering one batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every message was acknowledged, moved aside, or held back with a parked entity.
+    Done,
+    /// A message was refused for good under the `block` policy.
+    Blocked {
+        /// The refused message.
+        message_id: i64,
+    },
+    /// Shutdown interrupted the retries.
+    Stopped,
+}
+
+/// After this long without acknowledgements, the partition shows as retrying (Kafka is
+/// unreachable or slow); the producer keeps trying.
+const ACK_WAIT_BEFORE_RETRYING: Duration = Duration::from_secs(5);
+
+/// Why a message is refused, as recorded in `dead_letter.error`.
+#[derive(Debug)]
+enum Fault {
+    Kafka(KafkaError),
+    Undecodable(String),
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Kafka(e) => write!(f, "{e}"),
+            Fault::Undecodable(e) => write!(f, "the relay cannot decode the row: {e}"),
+        }
+    }
+}
+
+/// Where a message goes in Kafka, as far as order is concerned: the idempotent producer keeps
+/// order within one Kafka partition, and one topic with one key (or one explicit partition)
+/// is one Kafka partition.
+#[derive(Debug, PartialEq, Eq)]
+enum Lane<'r> {
+    Key(&'r str, &'r [u8]),
+    Partition(&'r str, i32),
+}
+
+fn lane(row: &OutboxRow) -> Lane<'_> {
+    match row.kafka_partition {
+        Some(p) => Lane::Partition(&row.topic, p),
+        None => Lane::Key(
+            &row.topic,
+            row.kafka_key
+                .as_deref()
+                .unwrap_or(row.entity_key.as_bytes()),
+        ),
+    }
+}
+
+/// The next round (see the module docs): for every entity, its pending rows up to the first
+/// one bound for another lane; the whole round stops before the first row (in id order) that
+/// must be handled alone.
+fn next_round<'b>(
+    pending: &[&'b OutboxRow],
+    alone: impl Fn(&OutboxRow) -> bool,
+) -> Vec<&'b OutboxRow> {
+    let mut lanes: HashMap<&str, Lane<'_>> = HashMap::new();
+    let mut closed: HashSet<&str> = HashSet::new();
+    let mut round = Vec::new();
+    for &row in pending {
+        if alone(row) {
+            break;
+        }
+        if closed.contains(row.entity_key.as_str()) {
+            continue;
+        }
+        match lanes.get(row.entity_key.as_str()) {
+            None => {
+                lanes.insert(&row.entity_key, lane(row));
+                round.push(row);
+            }
+            Some(l) if *l == lane(row) => round.push(row),
+            Some(_) => {
+                closed.insert(&row.entity_key);
+            }
+        }
+    }
+    round
+}
+
+/// What sending one row alone (or not at all) decided.
+enum Verdict {
+    Acked,
+    Refused(Fault),
+    Retry(KafkaError),
+}
+
+impl Worker<'_> {
+    /// Delivers `batch` (rows in id order): publishes it in rounds, retrying retriable
+    /// failures in place with backoff, and applies the topic's policy to messages refused for
+    /// good. `blocked` is the message that blocked this partition last time, if any: it is
+    /// tried alone first. Returns the acknowledged rows (to be retired by the caller) and how
+    /// it ended.
+    pub(crate) async fn deliver<'b>(
+        &mut self,
+        client: &Client,
+        batch: &'b [OutboxRow],
+        blocked: Option<i64>,
+    ) -> Result<(Vec<&'b OutboxRow>, Outcome)> {
+        let mut pending: Vec<&OutboxRow> = batch.iter().collect();
+        let mut acked = Vec::with_capacity(batch.len());
+        let ctx = self.ctx;
+        let mut backoff = Backoff::new(ctx.config.retry_initial(), ctx.config.retry_max());
+        let mut attempts = 0u32;
+        let alone = |row: &OutboxRow| row.undecodable.is_some() || Some(row.id) == blocked;
+        while let Some(&first) = pending.first() {
+            let mut retry: Option<(i64, KafkaError)> = None;
+            let round = next_round(&pending, alone);
+            if round.is_empty() {
+                // The first pending row must be handled alone.
+                let verdict = match &first.undecodable {
+                    Some(e) => Verdict::Refused(Fault::Undecodable(e.clone())),
+                    None => self.probe(first).await,
+                };
+                match verdict {
+                    Verdict::Acked => {
+                        acked.push(first);
+                        pending.remove(0);
+                    }
+                    Verdict::Refused(fault) => {
+                        if let Some(outcome) =
+                            self.refused(client, first, &fault, &mut pending).await?
+                        {
+                            return Ok((acked, outcome));
+                        }
+                    }
+                    Verdict::Retry(e) => retry = Some((first.id, e)),
+                }
+            } else {
+                let results = self.send_round(&round).await;
+                let mut suspects: Vec<(&OutboxRow, KafkaError, Refusal)> = Vec::new();
+                for (row, sent) in round.iter().zip(results) {
+                    match sent {
+                        Sent::Acked => {
+                            acked.push(*row);
+                            pending.retain(|r| r.id != row.id);
+                        }
+                        Sent::NotSent => {}
+                        Sent::Failed(e) => match classify(&e) {
+                            Refusal::Retriable => {
+                                retry.get_or_insert((row.id, e));
+                            }
+                            kind => suspects.push((row, e, kind)),
+                        },
+                    }
+                }
+                // A refusal in a Kafka partition is fatal for the gap-less producer; the first
+                // worker to notice replaces it (counted in the publisher).
+                if ctx.publisher.recover_if_fatal()? {
+                    let (count, last) = ctx.publisher.fatal_errors();
+                    ctx.health
+                        .set_producer_fatal(count, last.map(|(_, e)| e).unwrap_or_default());
+                }
+                // In id order, so that an entity's suspects are decided in its order.
+                for (row, error, kind) in suspects {
+                    if !pending.iter().any(|r| r.id == row.id) {
+                        continue; // held back with its parked entity meanwhile
+                    }
+                    let verdict = match kind {
+                        Refusal::PermanentForItsBatch => self.probe(row).await,
+                        _ => Verdict::Refused(Fault::Kafka(error)),
+                    };
+                    match verdict {
+                        Verdict::Acked => {
+                            acked.push(row);
+                            pending.retain(|r| r.id != row.id);
+                        }
+                        Verdict::Refused(fault) => {
+                            if let Some(outcome) =
+                                self.refused(client, row, &fault, &mut pending).await?
+                            {
+                                return Ok((acked, outcome));
+                            }
+                        }
+                        Verdict::Retry(e) => {
+                            retry.get_or_insert((row.id, e));
+                        }
+                    }
+                }
+            }
+            let Some((message_id, error)) = retry else {
+                backoff.reset();
+                continue;
+            };
+            self.metrics.retriable_errors.increment(1);
+            attempts += 1;
+            // Log the first failure and then every tenth, not every retry.
+            if attempts == 1 || attempts % 10 == 0 {
+                tracing::warn!(partition = self.partition, attempts, message_id, %error,
+                    "publishing failed; retrying in place");
+            }
+            self.set_state(PartitionState::Retrying {
+                message_id,
+                error: error.to_string(),
+            });
+            if self.sleep_or_stop(backoff.next_delay()).await {
+                return Ok((acked, Outcome::Stopped));
+            }
+        }
+        Ok((acked, Outcome::Done))
+    }
+
+    /// Sends one round through the main producer. While acknowledgements take longer than
+    /// `ACK_WAIT_BEFORE_RETRYING` (Kafka unreachable), the partition shows as retrying, with
+    /// the producer's last client error; the producer itself keeps trying.
+    async fn send_round(&self, round: &[&OutboxRow]) -> Vec<Sent> {
+        let send = self.ctx.publisher.send(round);
+        tokio::pin!(send);
+        let mut waited = Duration::ZERO;
+        loop {
+            tokio::select! {
+                results = &mut send => {
+                    if waited > Duration::ZERO {
+                        self.set_state(PartitionState::Relaying);
+                    }
+                    return results;
+                }
+                () = tokio::time::sleep(ACK_WAIT_BEFORE_RETRYING) => {
+                    waited += ACK_WAIT_BEFORE_RETRYING;
+                    let last = self.ctx.publisher.events().last_error()
+                        .map_or_else(String::new, |(_, e)| format!("; last client error: {e}"));
+                    let error = format!(
+                        "no acknowledgement from Kafka for {} s{last}",
+                        waited.as_secs()
+                    );
+                    tracing::warn!(partition = self.partition, message_id = round[0].id, %error,
+                        "waiting for Kafka");
+                    self.set_state(PartitionState::Retrying { message_id: round[0].id, error });
+                }
+            }
+        }
+    }
+
+    /// Sends `row` alone through the probe producer.
+    async fn probe(&self, row: &OutboxRow) -> Verdict {
+        self.metrics.probes.increment(1);
+        match self.ctx.publisher.probe(row).await {
+            Ok(()) => Verdict::Acked,
+            Err(e) => match classify(&e) {
+                Refusal::Retriable => Verdict::Retry(e),
+                _ => Verdict::Refused(Fault::Kafka(e)),
+            },
+        }
+    }
+
+    /// Applies `row`'s topic policy to it and updates `pending`; returns the outcome that ends
+    /// the delivery (`block`), or `None` to go on.
+    async fn refused(
+        &self,
+        client: &Client,
+        row: &OutboxRow,
+        fault: &Fault,
+        pending: &mut Vec<&OutboxRow>,
+    ) -> Result<Option<Outcome>> {
+        self.metrics.permanent_errors.increment(1);
+        let error = fault.to_string();
+        match self.ctx.config.policy_for(&row.topic) {
+            ErrorPolicy::Block => {
+                tracing::error!(partition = self.partition, message_id = row.id, topic = %row.topic, %error,
+                    "Kafka refused the message for good; partition blocked until an operator acts (policy block)");
+                self.set_state(PartitionState::Blocked {
+                    message_id: row.id,
+                    error,
+                });
+                Ok(Some(Outcome::Blocked { message_id: row.id }))
+            }
+            ErrorPolicy::DeadLetter => {
+                self.move_aside(client, row, &error, ErrorPolicy::DeadLetter)
+                    .await?;
+                self.metrics.dead_lettered.increment(1);
+                pending.retain(|r| r.id != row.id);
+                Ok(None)
+            }
+            ErrorPolicy::ParkEntity => {
+                self.move_aside(client, row, &error, ErrorPolicy::ParkEntity)
+                    .await?;
+                self.metrics.parked.increment(1);
+                // The entity's later messages stay in the table, held back.
+                pending.retain(|r| r.entity_key != row.entity_key);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Moves `row` to the dead-letter table (and parks its entity, for `park_entity`).
+    async fn move_aside(
+        &self,
+        client: &Client,
+        row: &OutboxRow,
+        error: &str,
+        policy: ErrorPolicy,
+    ) -> Result<()> {
+        let sql = &self.ctx.sql;
+        let result = match policy {
+            ErrorPolicy::ParkEntity => {
+                client
+                    .execute(&sql.park_message, &[&self.partition, &row.id, &error])
+                    .await
+            }
+            _ => {
+                client
+                    .execute(
+                        &sql.dead_letter,
+                        &[&self.partition, &row.id, &"dead_letter", &error],
+                    )
+                    .await
+            }
+        };
+        result.map_err(Error::pg("moving a refused message to dead_letter"))?;
+        tracing::warn!(partition = self.partition, message_id = row.id, entity_key = %row.entity_key,
+            topic = %row.topic, %error, %policy, "message moved to dead_letter");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, entity: &str, topic: &str) -> OutboxRow {
+        OutboxRow {
+            id,
+            topic: topic.to_owned(),
+            entity_key: entity.to_owned(),
+            kafka_key: None,
+            kafka_partition: None,
+            payload: None,
+            header_names: Vec::new(),
+            header_values: Vec::new(),
+            event_type: None,
+            created_at_epoch: 0.0,
+            undecodable: None,
+        }
+    }
+
+    fn ids(round: &[&OutboxRow]) -> Vec<i64> {
+        round.iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn entities_on_one_lane_go_in_one_round() {
+        let rows = [row(1, "a", "t"), row(2, "b", "t"), row(3, "a", "t")];
+        let pending: Vec<&OutboxRow> = rows.iter().collect();
+        assert_eq!(ids(&next_round(&pending, |_| false)), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn an_entity_waits_at_its_first_message_for_another_lane() {
+        let mut keyed = row(5, "b", "t");
+        keyed.kafka_key = Some(b"other".to_vec());
+        let mut pinned = row(6, "c", "t");
+        pinned.kafka_partition = Some(0);
+        let rows = [
+            row(1, "a", "t1"),
+            row(2, "a", "t2"),
+            row(3, "a", "t1"),
+            row(4, "b", "t"),
+            keyed,
+            pinned,
+            row(7, "c", "t"),
+        ];
+        let pending: Vec<&OutboxRow> = rows.iter().collect();
+        // a: 2 goes to another topic, so 2 and 3 wait; b: 5 has another key; c: 6 comes
+        // first with an explicit partition, so 7 (keyed) waits.
+        assert_eq!(ids(&next_round(&pending, |_| false)), vec![1, 4, 6]);
+    }
+
+    #[test]
+    fn a_round_stops_before_a_row_that_must_go_alone() {
+        let rows = [row(1, "a", "t"), row(2, "b", "t"), row(3, "c", "t")];
+        let pending: Vec<&OutboxRow> = rows.iter().collect();
+        assert_eq!(ids(&next_round(&pending, |r| r.id == 2)), vec![1]);
+        assert!(next_round(&pending, |r| r.id == 1).is_empty());
+    }
+}
