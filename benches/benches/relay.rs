@@ -325,9 +325,11 @@ async fn kafka_ceiling() {
         brokers: outbox_testkit::brokers(),
         ..outboxd::Config::default()
     };
-    let producer: FutureProducer = outboxd::publisher::producer_config(&config)
-        .create()
-        .expect("producer");
+    let producer: FutureProducer =
+        outboxd::publisher::producer_config(&config, outbox::DEFAULT_MAX_RECORD_BYTES)
+            .expect("producer config")
+            .create()
+            .expect("producer");
     let payload = vec![b'x'; 300];
     let start = Instant::now();
     for batch in 0..(BACKLOG / 1000) {

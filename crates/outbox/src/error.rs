@@ -34,9 +34,31 @@ pub enum Error {
         /// The maximum.
         max: usize,
     },
-    /// An explicit Kafka partition is negative.
-    #[error("outbox: Kafka partition must be >= 0, got {0}")]
+    /// An explicit Kafka partition is negative or above
+    /// [`MAX_KAFKA_PARTITION`](crate::MAX_KAFKA_PARTITION).
+    #[error("outbox: Kafka partition must be between 0 and {max}, got {0}", max = crate::MAX_KAFKA_PARTITION)]
     InvalidKafkaPartition(i32),
+    /// More headers than [`MAX_HEADERS`](crate::MAX_HEADERS).
+    #[error("outbox: {count} headers, more than the maximum of {max}")]
+    TooManyHeaders {
+        /// Headers given.
+        count: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The message's Kafka record would be larger than the database's
+    /// `settings.max_record_bytes` (see [`Message::record_bytes`](crate::Message::record_bytes)).
+    #[error(
+        "outbox: a record of {size} bytes exceeds the maximum of {max} bytes (entity {entity_key:?}); the record counts the Kafka key, payload, headers and the relay's headers"
+    )]
+    RecordTooLarge {
+        /// The message's entity key.
+        entity_key: String,
+        /// The record's size in bytes.
+        size: usize,
+        /// `settings.max_record_bytes`.
+        max: usize,
+    },
     /// A header name is empty or not valid UTF-8-safe text.
     #[error("outbox: invalid header name {name:?}: {reason}")]
     InvalidHeaderName {
@@ -75,9 +97,20 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     /// The schema name is not a plain lower-case SQL identifier.
     #[error(
-        "outbox: invalid schema name {0:?}: use 1 to 63 characters of [a-z0-9_], not starting with a digit"
+        "outbox: invalid schema name {0:?}: use 1 to 63 characters of [a-z0-9_], not starting with a digit, and not a system schema (pg_*, information_schema)"
     )]
     InvalidSchemaName(String),
+    /// The schema belongs to something else: another tool's `schema_migrations` table, or
+    /// tables that are not the outbox's. Nothing was created in it.
+    #[error(
+        "outbox: schema {schema:?} cannot hold the outbox: {problem}; use a schema of its own (--schema / OUTBOXD_SCHEMA)"
+    )]
+    SchemaConflict {
+        /// The schema.
+        schema: String,
+        /// What is in the way.
+        problem: String,
+    },
     /// The outbox schema is missing or older than this library.
     #[error(
         "outbox: schema {schema:?} is {problem}; run `outboxd migrate` (or `outbox::migrate`) first"
@@ -100,7 +133,8 @@ pub enum Error {
         ids: usize,
     },
     /// PostgreSQL refused the write or the connection failed; `context` says what we were doing.
-    #[error("outbox: {context}: {source}")]
+    /// The message carries the server's message, detail, hint and SQLSTATE.
+    #[error("outbox: {context}: {}", describe_pg_error(source))]
     Database {
         /// What the library was doing.
         context: &'static str,
@@ -127,6 +161,7 @@ impl Error {
                 source.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE)
             }
             Error::SchemaNotReady { .. }
+            | Error::SchemaConflict { .. }
             | Error::InvalidSchemaName(_)
             | Error::IncompleteBatch { .. } => false,
             _ => true,
@@ -146,4 +181,35 @@ impl Error {
     pub(crate) fn db(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
         move |source| Error::Database { context, source }
     }
+}
+
+/// A PostgreSQL error as an operator can act on it: the server's message with its detail,
+/// hint and SQLSTATE when the server refused something (`tokio_postgres::Error` displays only
+/// "db error" then), else the driver's error with its cause (a refused connection, ...).
+pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!("; detail: {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(&format!(": {s_text}"));
+        }
+        source = s.source();
+    }
+    text
 }

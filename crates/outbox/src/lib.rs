@@ -32,11 +32,11 @@ mod migrate;
 mod save;
 mod schema;
 
-pub use error::{Error, Result};
-pub use message::{MAX_ENTITY_KEY_BYTES, MAX_TOPIC_LEN, Message, MessageBuilder, validate_topic};
-pub use migrate::{SCHEMA_VERSION, check_schema, migrate, migrate_schema};
-pub use save::{
-    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_PAYLOAD_BYTES, Outbox, PreparedOutbox, save_all_in_tx,
-    save_in_tx,
+pub use error::{Error, Result, describe_pg_error};
+pub use message::{
+    MAX_ENTITY_KEY_BYTES, MAX_HEADERS, MAX_KAFKA_PARTITION, MAX_TOPIC_LEN, Message, MessageBuilder,
+    validate_topic,
 };
+pub use migrate::{SCHEMA_VERSION, check_schema, migrate, migrate_schema};
+pub use save::{DEFAULT_MAX_RECORD_BYTES, Outbox, PreparedOutbox, save_all_in_tx, save_in_tx};
 pub use schema::Schema;

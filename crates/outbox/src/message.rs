@@ -7,6 +7,14 @@ use crate::error::{Error, Result};
 /// The longest topic name Kafka accepts.
 pub const MAX_TOPIC_LEN: usize = 249;
 
+/// The most headers a message may carry (besides the relay's own), checked the same way by
+/// the SQL functions (`max_headers()`).
+pub const MAX_HEADERS: usize = 100;
+
+/// The largest explicit Kafka partition accepted (`max_kafka_partition()` in SQL): Kafka topics
+/// have far fewer partitions, so a larger number is a caller's mistake.
+pub const MAX_KAFKA_PARTITION: i32 = 999_999;
+
 /// The longest entity key, in bytes (UTF-8). The key is the primary key of the sticky mapping
 /// table, and a btree index entry must fit in a third of a page (2,704 bytes); the limit leaves
 /// room for that with a margin, and is checked the same way by the SQL functions.
@@ -82,6 +90,27 @@ impl Message {
     /// Payload size in bytes (0 for a tombstone).
     pub(crate) fn payload_len(&self) -> usize {
         self.payload.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The size of the Kafka record this message makes, in bytes: what the database's
+    /// `settings.max_record_bytes` limits. The Kafka key (the explicit one, else the entity
+    /// key), the payload, every header name and value, and the headers the relay adds:
+    /// `outbox-id` (counted with 20 digits), `outbox-entity-key` and, with an event type,
+    /// `outbox-event-type`. The SQL function `record_bytes()` computes the same.
+    pub fn record_bytes(&self) -> usize {
+        let key = self
+            .kafka_key
+            .as_ref()
+            .map_or(self.entity_key.len(), Vec::len);
+        let relay_headers = "outbox-id".len()
+            + 20
+            + "outbox-entity-key".len()
+            + self.entity_key.len()
+            + self
+                .event_type
+                .as_ref()
+                .map_or(0, |t| "outbox-event-type".len() + t.len());
+        key + self.payload_len() + self.headers_len() + relay_headers
     }
 
     /// Header names plus values, in bytes.
@@ -166,9 +195,15 @@ impl MessageBuilder {
             });
         }
         if let Some(p) = m.kafka_partition
-            && p < 0
+            && !(0..=MAX_KAFKA_PARTITION).contains(&p)
         {
             return Err(Error::InvalidKafkaPartition(p));
+        }
+        if m.header_names.len() > MAX_HEADERS {
+            return Err(Error::TooManyHeaders {
+                count: m.header_names.len(),
+                max: MAX_HEADERS,
+            });
         }
         for name in &m.header_names {
             validate_header_name(name)?;

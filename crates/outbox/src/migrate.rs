@@ -29,10 +29,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0003_nothing_lost",
         sql: include_str!("../../../migrations/0003_nothing_lost.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_limits",
+        sql: include_str!("../../../migrations/0004_limits.sql"),
+    },
 ];
 
 /// The schema version this library expects.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Applies the pending migrations to the schema `outbox`. Idempotent.
 pub async fn migrate(client: &tokio_postgres::Client) -> Result<()> {
@@ -61,6 +66,70 @@ pub async fn migrate_schema(client: &tokio_postgres::Client, schema: &Schema) ->
     outcome.and(ended)
 }
 
+/// The columns of the outbox's own `schema_migrations` table, as `name type`.
+const MIGRATION_COLUMNS: [&str; 3] = [
+    "version integer",
+    "name text",
+    "applied_at timestamp with time zone",
+];
+
+/// What the schema holds before a migration: whether it exists, the relations in it, and the
+/// columns of a `schema_migrations` table if there is one.
+const INSPECT_SCHEMA: &str = "SELECT n.oid IS NOT NULL,
+        coalesce((SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c
+                   WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f')), '{}'),
+        coalesce((SELECT array_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                                   ORDER BY a.attnum)
+                    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+                   WHERE c.relnamespace = n.oid AND c.relname = 'schema_migrations'
+                     AND a.attnum > 0 AND NOT a.attisdropped), '{}')
+   FROM (SELECT $1::text AS name) q LEFT JOIN pg_namespace n ON n.nspname = q.name";
+
+/// Refuses a schema that belongs to someone else: one whose `schema_migrations` table is
+/// another tool's, or one that already holds tables but no `schema_migrations` at all. The
+/// outbox needs a schema of its own (an existing empty one is fine).
+async fn check_ownership(client: &tokio_postgres::Client, schema: &Schema) -> Result<()> {
+    let row = client
+        .query_one(INSPECT_SCHEMA, &[&schema.name()])
+        .await
+        .map_err(Error::db("inspecting the schema"))?;
+    let read = |e| Error::db("inspecting the schema")(e);
+    let exists: bool = row.try_get(0).map_err(read)?;
+    let relations: Vec<String> = row.try_get(1).map_err(Error::db("inspecting the schema"))?;
+    let migration_columns: Vec<String> =
+        row.try_get(2).map_err(Error::db("inspecting the schema"))?;
+    if !exists {
+        return Ok(());
+    }
+    let conflict = |problem: String| {
+        Err(Error::SchemaConflict {
+            schema: schema.name().to_owned(),
+            problem,
+        })
+    };
+    if !migration_columns.is_empty() {
+        if migration_columns != MIGRATION_COLUMNS {
+            return conflict(format!(
+                "its schema_migrations table is not the outbox's (columns: {}): another migration tool uses this schema",
+                migration_columns.join(", ")
+            ));
+        }
+        return Ok(());
+    }
+    if !relations.is_empty() {
+        let mut shown: Vec<&str> = relations.iter().map(String::as_str).take(5).collect();
+        if relations.len() > 5 {
+            shown.push("...");
+        }
+        return conflict(format!(
+            "it already holds {} table(s) or view(s) of something else ({})",
+            relations.len(),
+            shown.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 async fn apply_pending(client: &tokio_postgres::Client, schema: &Schema) -> Result<()> {
     let name = schema.name();
     // IF NOT EXISTS notices are expected on every run after the first; keep them quiet.
@@ -75,6 +144,7 @@ async fn apply_pending(client: &tokio_postgres::Client, schema: &Schema) -> Resu
         )
         .await
         .map_err(Error::db("taking the migration lock"))?;
+    check_ownership(client, schema).await?;
     client
         .batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {name};
@@ -94,8 +164,9 @@ async fn apply_pending(client: &tokio_postgres::Client, schema: &Schema) -> Resu
         .await
         .map_err(Error::db("reading applied migrations"))?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| r.try_get(0))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(Error::db("reading applied migrations"))?;
     for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
         tracing::info!(schema = name, migration = m.name, "applying migration");
         client
@@ -124,12 +195,16 @@ pub async fn check_schema(client: &tokio_postgres::Client, schema: &Schema) -> R
         )
         .await
         .map_err(Error::db("checking the outbox schema"))?;
-    if !row.get::<_, bool>(0) {
+    if !row
+        .try_get::<_, bool>(0)
+        .map_err(Error::db("checking the outbox schema"))?
+    {
         return Err(Error::SchemaNotReady {
             schema: name.to_owned(),
             problem: "missing (no schema_migrations table)".to_owned(),
         });
     }
+    check_ownership(client, schema).await?;
     let version: Option<i32> = client
         .query_one(
             &format!("SELECT max(version) FROM {name}.schema_migrations"),
@@ -137,7 +212,8 @@ pub async fn check_schema(client: &tokio_postgres::Client, schema: &Schema) -> R
         )
         .await
         .map_err(Error::db("reading the schema version"))?
-        .get(0);
+        .try_get(0)
+        .map_err(Error::db("reading the schema version"))?;
     match version {
         Some(v) if v >= SCHEMA_VERSION => Ok(()),
         found => Err(Error::SchemaNotReady {

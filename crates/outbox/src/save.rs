@@ -3,7 +3,8 @@
 //! through `save_message`), so there is one implementation of the write path. Each call is
 //! one round trip: parse, bind and execute travel together.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
@@ -13,22 +14,33 @@ use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::schema::Schema;
 
-/// Default [`Outbox::max_payload_bytes`]: 1 MiB, Kafka's default `message.max.bytes`.
-pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
-/// Default [`Outbox::max_header_bytes`]: 64 KiB.
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The default of the database's `settings.max_record_bytes` (see
+/// [`Message::record_bytes`]): it fits librdkafka's default `message.max.bytes` and Kafka's
+/// default broker limit.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
 
-/// A handle carrying non-default settings: the schema name and the size limits. Cheap to
-/// clone; build one at startup and share it. The free functions [`save_in_tx`] and
-/// [`save_all_in_tx`] use `Outbox::default()`.
+/// How long a handle trusts the record limit it read from the database before it reads it
+/// again (an operator may change `settings.max_record_bytes` while services run).
+const RECORD_LIMIT_TTL: Duration = Duration::from_secs(60);
+
+/// A handle carrying non-default settings: the schema name and optional client-side size
+/// caps. Cheap to clone; build one at startup and share it. The free functions
+/// [`save_in_tx`] and [`save_all_in_tx`] use `Outbox::default()`.
+///
+/// The limit every message must fit is the database's `settings.max_record_bytes`, the one
+/// place it is configured: the SQL functions enforce it, and the handle checks it before it
+/// sends a message (reading it once a minute), so that an oversized message is refused without
+/// aborting the caller's transaction.
 #[derive(Debug, Clone)]
 pub struct Outbox {
     schema: Schema,
-    max_payload_bytes: usize,
-    max_header_bytes: usize,
+    max_payload_bytes: Option<usize>,
+    max_header_bytes: Option<usize>,
     // The SQL text depends on the schema name only, so it is built once here.
     enqueue_sql: String,
     enqueue_batch_sql: String,
+    record_limit_sql: String,
+    record_limit: Arc<Mutex<Option<(Instant, usize)>>>,
 }
 
 impl Default for Outbox {
@@ -38,7 +50,7 @@ impl Default for Outbox {
 }
 
 impl Outbox {
-    /// A handle for the outbox tables in `schema`, with default limits.
+    /// A handle for the outbox tables in `schema`, without client-side caps.
     pub fn new(schema: Schema) -> Self {
         let s = schema.name();
         Outbox {
@@ -46,22 +58,25 @@ impl Outbox {
             enqueue_batch_sql: format!(
                 "SELECT * FROM {s}.enqueue_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             ),
+            record_limit_sql: format!("SELECT max_record_bytes FROM {s}.settings"),
+            record_limit: Arc::new(Mutex::new(None)),
             schema,
-            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
-            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_payload_bytes: None,
+            max_header_bytes: None,
         }
     }
 
-    /// Sets the largest payload accepted, in bytes. Default: [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    /// Refuses payloads larger than `max` bytes in this client, a cap stricter than the
+    /// database's record limit (which applies anyway). Default: none.
     pub fn with_max_payload_bytes(mut self, max: usize) -> Self {
-        self.max_payload_bytes = max;
+        self.max_payload_bytes = Some(max);
         self
     }
 
-    /// Sets the largest total of header names and values accepted, in bytes.
-    /// Default: [`DEFAULT_MAX_HEADER_BYTES`].
+    /// Refuses headers whose names and values together exceed `max` bytes in this client, a
+    /// cap stricter than the database's record limit (which applies anyway). Default: none.
     pub fn with_max_header_bytes(mut self, max: usize) -> Self {
-        self.max_header_bytes = max;
+        self.max_header_bytes = Some(max);
         self
     }
 
@@ -87,6 +102,7 @@ impl Outbox {
         target: Target<'_>,
     ) -> Result<i64> {
         self.check_limits(msg)?;
+        self.check_record(tx, msg).await?;
         let params: [(&(dyn ToSql + Sync), Type); 8] = [
             (&msg.topic, Type::TEXT),
             (&msg.entity_key, Type::TEXT),
@@ -129,6 +145,9 @@ impl Outbox {
         }
         for m in msgs {
             self.check_limits(m)?;
+        }
+        for m in msgs {
+            self.check_record(tx, m).await?;
         }
         let topics: Vec<&str> = msgs.iter().map(|m| m.topic.as_str()).collect();
         let keys: Vec<&str> = msgs.iter().map(|m| m.entity_key.as_str()).collect();
@@ -195,37 +214,112 @@ impl Outbox {
         })
     }
 
+    /// The client-side caps, when set.
     fn check_limits(&self, msg: &Message) -> Result<()> {
         let size = msg.payload_len();
-        if size > self.max_payload_bytes {
+        if let Some(max) = self.max_payload_bytes
+            && size > max
+        {
             return Err(Error::PayloadTooLarge {
                 entity_key: msg.entity_key.clone(),
                 size,
-                max: self.max_payload_bytes,
+                max,
             });
         }
         let size = msg.headers_len();
-        if size > self.max_header_bytes {
+        if let Some(max) = self.max_header_bytes
+            && size > max
+        {
             return Err(Error::HeadersTooLarge {
                 entity_key: msg.entity_key.clone(),
                 size,
-                max: self.max_header_bytes,
+                max,
             });
         }
         Ok(())
     }
 
-    /// A missing schema or function shows up as these SQLSTATEs; say what to run instead of
-    /// passing on "function outbox.enqueue does not exist".
-    fn map_db_error(&self, e: tokio_postgres::Error, context: &'static str) -> Error {
-        match e.code() {
-            Some(c)
-                if *c == SqlState::INVALID_SCHEMA_NAME || *c == SqlState::UNDEFINED_FUNCTION =>
-            {
-                self.schema_not_ready("missing or not migrated")
-            }
-            _ => Error::Database { context, source: e },
+    /// The database's record limit, before anything is sent (the SQL functions check it too,
+    /// but a refusal there aborts the caller's transaction).
+    async fn check_record(&self, tx: &Transaction<'_>, msg: &Message) -> Result<()> {
+        let size = msg.record_bytes();
+        // Every message fits a limit this small; no need to ask the database.
+        if size <= 1024 {
+            return Ok(());
         }
+        let max = self.record_limit(tx).await?;
+        if size > max {
+            return Err(Error::RecordTooLarge {
+                entity_key: msg.entity_key.clone(),
+                size,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// `settings.max_record_bytes`, read at most once a minute.
+    async fn record_limit(&self, tx: &Transaction<'_>) -> Result<usize> {
+        let cached = match self.record_limit.lock() {
+            Ok(g) => *g,
+            Err(poisoned) => *poisoned.into_inner(),
+        };
+        if let Some((at, max)) = cached
+            && at.elapsed() < RECORD_LIMIT_TTL
+        {
+            return Ok(max);
+        }
+        let row = tx
+            .query_opt(&self.record_limit_sql, &[])
+            .await
+            .map_err(|e| self.map_db_error(e, "reading the record limit"))?
+            .ok_or_else(|| self.schema_not_ready("its settings row is missing"))?;
+        let max: i32 = row
+            .try_get(0)
+            .map_err(|e| self.map_db_error(e, "reading the record limit"))?;
+        let max = usize::try_from(max).unwrap_or(DEFAULT_MAX_RECORD_BYTES);
+        let mut guard = match self.record_limit.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *guard = Some((Instant::now(), max));
+        Ok(max)
+    }
+
+    /// Turns the errors the SQL functions raise on purpose into typed errors: a missing
+    /// schema or function (say what to run instead of passing on "function outbox.enqueue does
+    /// not exist"), a missing settings row, a record above the limit.
+    fn map_db_error(&self, e: tokio_postgres::Error, context: &'static str) -> Error {
+        let Some(db) = e.as_db_error() else {
+            return Error::Database { context, source: e };
+        };
+        let code = db.code();
+        if *code == SqlState::INVALID_SCHEMA_NAME
+            || *code == SqlState::UNDEFINED_FUNCTION
+            || *code == SqlState::UNDEFINED_TABLE
+            || *code == SqlState::UNDEFINED_COLUMN
+        {
+            return self.schema_not_ready("missing or not migrated");
+        }
+        if *code == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE {
+            return self.schema_not_ready(db.message());
+        }
+        if *code == SqlState::PROGRAM_LIMIT_EXCEEDED
+            && let Some((size, max)) = db.detail().and_then(parse_size_detail)
+        {
+            let entity_key = db
+                .message()
+                .split_once("(entity '")
+                .and_then(|(_, rest)| rest.rsplit_once("')"))
+                .map(|(key, _)| key.replace("''", "'"))
+                .unwrap_or_default();
+            return Error::RecordTooLarge {
+                entity_key,
+                size,
+                max,
+            };
+        }
+        Error::Database { context, source: e }
     }
 
     fn schema_not_ready(&self, problem: &str) -> Error {
@@ -305,4 +399,18 @@ pub async fn save_in_tx(tx: &Transaction<'_>, msg: &Message) -> Result<i64> {
 /// [`Outbox::save_all_in_tx`].
 pub async fn save_all_in_tx(tx: &Transaction<'_>, msgs: &[Message]) -> Result<Vec<i64>> {
     DEFAULT_OUTBOX.save_all_in_tx(tx, msgs).await
+}
+
+/// Reads `size=N max=M`, the detail of the SQL functions' record-size refusal.
+fn parse_size_detail(detail: &str) -> Option<(usize, usize)> {
+    let mut size = None;
+    let mut max = None;
+    for part in detail.split_whitespace() {
+        if let Some(v) = part.strip_prefix("size=") {
+            size = v.parse().ok();
+        } else if let Some(v) = part.strip_prefix("max=") {
+            max = v.parse().ok();
+        }
+    }
+    Some((size?, max?))
 }

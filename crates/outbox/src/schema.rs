@@ -8,7 +8,8 @@ use crate::error::{Error, Result};
 pub struct Schema(String);
 
 impl Schema {
-    /// Validates `name`: 1 to 63 characters of `[a-z0-9_]`, not starting with a digit.
+    /// Validates `name`: 1 to 63 characters of `[a-z0-9_]`, not starting with a digit, and not
+    /// a system schema (`pg_*`, `information_schema`).
     pub fn new(name: impl Into<String>) -> Result<Self> {
         let name = name.into();
         let valid = !name.is_empty()
@@ -16,7 +17,9 @@ impl Schema {
             && !name.as_bytes()[0].is_ascii_digit()
             && name
                 .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && !name.starts_with("pg_")
+            && name != "information_schema";
         if valid {
             Ok(Schema(name))
         } else {

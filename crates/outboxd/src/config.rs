@@ -162,6 +162,30 @@ const RESERVED_KAFKA_KEYS: &[(&str, &str)] = &[
     ),
     ("enable.gapless.guarantee", "set by the relay"),
     ("transactional.id", "transactions are not used by the relay"),
+    (
+        "request.required.acks",
+        "an alias of acks: the idempotent producer needs acks=all",
+    ),
+    (
+        "metadata.broker.list",
+        "an alias of bootstrap.servers: use `brokers`",
+    ),
+    (
+        "allow.auto.create.topics",
+        "the relay never lets the broker create topics (records produced while it did went missing); create topics before relaying to them",
+    ),
+];
+
+/// Partitioners that put every message with one key in one Kafka partition. The relay keys
+/// every message (by entity unless an explicit key is set), so the `_random` variants, which
+/// only spread messages *without* a key, keep order too; `random` does not.
+const KEYED_PARTITIONERS: &[&str] = &[
+    "murmur2_random",
+    "murmur2",
+    "consistent",
+    "consistent_random",
+    "fnv1a",
+    "fnv1a_random",
 ];
 
 impl Config {
@@ -206,14 +230,24 @@ impl Config {
                 self.batch_size
             ));
         }
-        for (name, value) in [
-            ("poll_interval_ms", self.poll_interval_ms),
-            ("wakeup_interval_ms", self.wakeup_interval_ms),
-            ("retry_initial_ms", self.retry_initial_ms),
-            ("retry_max_ms", self.retry_max_ms),
+        // The sane range of each duration, in its unit: below it the relay would spin, above
+        // it it would look alive while doing nothing for hours.
+        for (name, value, min, max) in [
+            ("poll_interval_ms", self.poll_interval_ms, 1, 600_000),
+            ("wakeup_interval_ms", self.wakeup_interval_ms, 1, 60_000),
+            ("retry_initial_ms", self.retry_initial_ms, 1, 60_000),
+            ("retry_max_ms", self.retry_max_ms, 1, 600_000),
+            ("shutdown_timeout_ms", self.shutdown_timeout_ms, 0, 600_000),
+            (
+                "mapping_cleanup_interval_ms",
+                self.mapping_cleanup_interval_ms,
+                0,
+                86_400_000,
+            ),
+            ("mapping_ttl_s", self.mapping_ttl_s, 0, 315_360_000),
         ] {
-            if value == 0 {
-                problems.push(format!("{name} must be at least 1"));
+            if !(min..=max).contains(&value) {
+                problems.push(format!("{name} must be {min}..={max}, got {value}"));
             }
         }
         if self.retry_initial_ms > self.retry_max_ms {
@@ -237,6 +271,21 @@ impl Config {
         for (key, why) in RESERVED_KAFKA_KEYS {
             if self.kafka.contains_key(*key) {
                 problems.push(format!("kafka.\"{key}\" cannot be set: {why}"));
+            }
+        }
+        if let Some(p) = self.kafka.get("partitioner")
+            && !KEYED_PARTITIONERS.contains(&p.as_str())
+        {
+            problems.push(format!(
+                "kafka.\"partitioner\" = {p:?} would spread one entity over several Kafka partitions; use one of {}",
+                KEYED_PARTITIONERS.join(", ")
+            ));
+        }
+        for key in self.kafka.keys() {
+            if key.trim() != key || key.is_empty() || key.chars().any(char::is_uppercase) {
+                problems.push(format!(
+                    "kafka.{key:?} is not a librdkafka property name (they are lower-case, without spaces)"
+                ));
             }
         }
         if problems.is_empty() {

@@ -19,8 +19,9 @@ pub enum Error {
         /// What went wrong, with the line when TOML parsing failed.
         message: String,
     },
-    /// A PostgreSQL operation failed.
-    #[error("postgres: {context}: {source}")]
+    /// A PostgreSQL operation failed. The message carries the server's message, detail, hint
+    /// and SQLSTATE.
+    #[error("postgres: {context}: {}", outbox::describe_pg_error(source))]
     Postgres {
         /// What the relay was doing.
         context: &'static str,

@@ -77,10 +77,15 @@ impl PartitionState {
 #[derive(Debug, Default)]
 pub struct Health {
     partitions: Mutex<BTreeMap<i32, PartitionState>>,
-    /// Background tasks that ended unexpectedly and wait for their restart, with how.
-    failed_tasks: Mutex<BTreeMap<&'static str, String>>,
+    /// Background tasks that cannot do their job (ended unexpectedly and wait for their
+    /// restart, or cannot reach what they need), with why.
+    task_problems: Mutex<BTreeMap<&'static str, String>>,
     /// The producer's fatal errors so far and the last one, when there was one.
     producer: Mutex<Option<(u64, String)>>,
+    /// Why Kafka counts as unreachable, while it does.
+    kafka: Mutex<Option<String>>,
+    /// Entities the `park_entity` policy holds back, in the whole schema.
+    parked_entities: Mutex<i64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -96,10 +101,10 @@ impl Health {
         lock(&self.partitions).insert(partition, state);
     }
 
-    /// Records that the background task `name` ended unexpectedly (`Some(how)`) or runs
-    /// again (`None`).
+    /// Records that the background task `name` cannot do its job (`Some(why)`: it ended
+    /// unexpectedly, or its queries fail) or works again (`None`).
     pub fn set_task(&self, name: &'static str, failure: Option<String>) {
-        let mut tasks = lock(&self.failed_tasks);
+        let mut tasks = lock(&self.task_problems);
         match failure {
             Some(how) => tasks.insert(name, how),
             None => tasks.remove(name),
@@ -111,19 +116,33 @@ impl Health {
         *lock(&self.producer) = Some((count, last));
     }
 
+    /// Records whether Kafka is unreachable (`Some(why)`) or not.
+    pub fn set_kafka(&self, unreachable: Option<String>) {
+        *lock(&self.kafka) = unreachable;
+    }
+
+    /// Records how many entities are parked.
+    pub fn set_parked_entities(&self, count: i64) {
+        *lock(&self.parked_entities) = count;
+    }
+
     /// A copy of every partition's state.
     pub fn snapshot(&self) -> BTreeMap<i32, PartitionState> {
         lock(&self.partitions).clone()
     }
 
-    /// True when no partition is failing and no background task waits for a restart.
+    /// True when no partition is failing, no background task waits for a restart, and Kafka
+    /// is reachable. (Parked entities are shown but do not fail health: the relay works, an
+    /// operator has a decision to make.)
     pub fn is_healthy(&self) -> bool {
-        self.snapshot().values().all(|s| !s.is_failing()) && lock(&self.failed_tasks).is_empty()
+        self.snapshot().values().all(|s| !s.is_failing())
+            && lock(&self.task_problems).is_empty()
+            && lock(&self.kafka).is_none()
     }
 
-    /// The `/health` body: `{"healthy": bool, "partitions": {"0": "relaying", ...},
-    /// "failed_tasks": {...}, "producer": {...}}` (the last two only when there is something
-    /// to say).
+    /// The `/health` body: `{"healthy": bool, "partitions": {"0": "relaying", ...}}`, plus
+    /// `task_problems`, `kafka`, `parked_entities` and `producer` when there is something to
+    /// say.
     pub fn to_json(&self) -> String {
         let snapshot = self.snapshot();
         let partitions: serde_json::Map<String, serde_json::Value> = snapshot
@@ -134,9 +153,16 @@ impl Health {
             "healthy": self.is_healthy(),
             "partitions": partitions,
         });
-        let tasks = lock(&self.failed_tasks).clone();
+        let tasks = lock(&self.task_problems).clone();
         if !tasks.is_empty() {
-            body["failed_tasks"] = serde_json::json!(tasks);
+            body["task_problems"] = serde_json::json!(tasks);
+        }
+        if let Some(why) = lock(&self.kafka).clone() {
+            body["kafka"] = serde_json::json!(why);
+        }
+        let parked = *lock(&self.parked_entities);
+        if parked > 0 {
+            body["parked_entities"] = serde_json::json!(parked);
         }
         if let Some((count, last)) = lock(&self.producer).clone() {
             body["producer"] = serde_json::json!({

@@ -26,6 +26,7 @@ pub mod faults;
 mod guards;
 pub mod health;
 pub mod http;
+mod kafka_watch;
 pub mod mappings;
 pub mod metrics;
 pub mod ownership;

@@ -33,9 +33,29 @@ pub const HEADER_ENTITY_KEY: &str = "outbox-entity-key";
 /// Header carrying the event type, when the message has one.
 pub const HEADER_EVENT_TYPE: &str = "outbox-event-type";
 
-/// The producer properties the relay always sets; see `docs/configuration.md`.
-pub fn producer_config(config: &Config) -> ClientConfig {
+/// Room for what librdkafka adds around a record (the record and batch headers), in bytes.
+const RECORD_OVERHEAD: usize = 1024;
+
+/// The producer properties the relay always sets; see `docs/configuration.md`. The producer's
+/// `message.max.bytes` is sized for the database's record limit (`settings.max_record_bytes`,
+/// passed as `max_record_bytes`); a `[kafka]` value too small for it is refused.
+pub fn producer_config(config: &Config, max_record_bytes: usize) -> Result<ClientConfig> {
+    let needed = max_record_bytes + RECORD_OVERHEAD;
+    if let Some(v) = config.kafka.get("message.max.bytes") {
+        match v.parse::<usize>() {
+            Ok(n) if n >= needed => {}
+            _ => {
+                return Err(Error::Config(vec![format!(
+                    "kafka.\"message.max.bytes\" = {v:?} cannot carry the database's largest record ({max_record_bytes} bytes, settings.max_record_bytes): it must be at least {needed}"
+                )]));
+            }
+        }
+    }
     let mut c = ClientConfig::new();
+    c.set(
+        "message.max.bytes",
+        (max_record_bytes + 64 * 1024).max(1_000_000).to_string(),
+    );
     c.set("bootstrap.servers", &config.brokers)
         // Idempotence keeps order under internal retries (acks=all, <= 5 in flight).
         .set("enable.idempotence", "true")
@@ -66,7 +86,7 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     for (k, v) in &config.kafka {
         c.set(k, v);
     }
-    c
+    Ok(c)
 }
 
 /// The probe producer's properties: the main producer's connection settings (the user's
@@ -75,32 +95,50 @@ pub fn producer_config(config: &Config) -> ClientConfig {
 /// reported for both), no idempotence (nothing else is in flight to keep in order, and it must
 /// not raise fatal errors), and a timeout, so that a probe of a broker that does not answer
 /// ends as a retriable error.
-fn probe_config(config: &Config) -> ClientConfig {
-    let mut c = producer_config(config);
+fn probe_config(config: &Config, max_record_bytes: usize) -> Result<ClientConfig> {
+    let mut c = producer_config(config, max_record_bytes)?;
     c.set("enable.idempotence", "false")
         .set("enable.gapless.guarantee", "false")
         .set("batch.num.messages", "1")
         .set("max.in.flight.requests.per.connection", "1")
         .set("linger.ms", "0")
         .set("message.timeout.ms", "30000");
-    c
+    Ok(c)
 }
 
-/// What the producers' clients reported last (broker connection failures and the like), for
-/// logs and `/health`.
+/// What the producers' clients reported (broker connection failures and the like), for logs
+/// and `/health`.
 #[derive(Debug, Default)]
 pub struct ProducerEvents {
     last_error: Mutex<Option<(Instant, String)>>,
+    /// Since when no broker could be reached (librdkafka's "all brokers down"), until a
+    /// message is acknowledged or the cluster answers again.
+    unreachable_since: Mutex<Option<Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 impl ProducerEvents {
     /// The last client error and how long ago it was reported.
     pub fn last_error(&self) -> Option<(Duration, String)> {
-        let guard = match self.last_error.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        guard.as_ref().map(|(at, e)| (at.elapsed(), e.clone()))
+        lock(&self.last_error)
+            .as_ref()
+            .map(|(at, e)| (at.elapsed(), e.clone()))
+    }
+
+    /// How long no broker could be reached, if none can.
+    pub fn unreachable_for(&self) -> Option<Duration> {
+        lock(&self.unreachable_since).map(|at| at.elapsed())
+    }
+
+    /// Records that the cluster answered.
+    pub fn reachable(&self) {
+        *lock(&self.unreachable_since) = None;
     }
 }
 
@@ -111,11 +149,10 @@ struct EventsContext(Arc<ProducerEvents>);
 impl ClientContext for EventsContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "Kafka client error");
-        let mut guard = match self.0.last_error.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *guard = Some((Instant::now(), format!("{error}: {reason}")));
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            lock(&self.0.unreachable_since).get_or_insert_with(Instant::now);
+        }
+        *lock(&self.0.last_error) = Some((Instant::now(), format!("{error}: {reason}")));
     }
 }
 
@@ -144,16 +181,17 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Creates the main producer (the probe producer is created on first use).
-    pub fn new(config: &Config) -> Result<Self> {
+    /// Creates the main producer (the probe producer is created on first use), sized for
+    /// records of up to `max_record_bytes`.
+    pub fn new(config: &Config, max_record_bytes: usize) -> Result<Self> {
         let events = Arc::new(ProducerEvents::default());
-        let main = producer_config(config);
+        let main = producer_config(config, max_record_bytes)?;
         let producer: Producer2 = main
             .create_with_context(EventsContext(Arc::clone(&events)))
             .map_err(Error::kafka("creating the producer"))?;
         Ok(Publisher {
             config: main,
-            probe_config: probe_config(config),
+            probe_config: probe_config(config, max_record_bytes)?,
             events,
             producer: RwLock::new(Arc::new(producer)),
             probe: Mutex::new(None),
@@ -253,7 +291,24 @@ impl Publisher {
         while results.len() < rows.len() {
             results.push(Sent::NotSent);
         }
+        if results.iter().any(|r| matches!(r, Sent::Acked)) {
+            self.events.reachable();
+        }
         results
+    }
+
+    /// Asks the cluster for its metadata (blocking for up to `timeout`); true when it
+    /// answered, which also clears the "unreachable" state.
+    pub fn check_reachable(&self, timeout: Duration) -> bool {
+        let answered = self
+            .current()
+            .client()
+            .fetch_metadata(None, timeout)
+            .is_ok();
+        if answered {
+            self.events.reachable();
+        }
+        answered
     }
 
     /// Sends one row alone through the probe producer and waits for its acknowledgement.

@@ -96,7 +96,15 @@ async fn run_relay(
         .try_get::<_, Option<i32>>(0)
         .map_err(Error::pg("reading the partition count"))?
         .ok_or(Error::SettingsMissing)?;
-    let publisher = Publisher::new(&config)?;
+    crate::guards::warn_about_connections(&control, &sql, partitions).await;
+    let max_record_bytes: i32 = control
+        .query_one(&sql.max_record_bytes, &[])
+        .await
+        .map_err(Error::pg("reading the record limit"))?
+        .try_get::<_, Option<i32>>(0)
+        .map_err(Error::pg("reading the record limit"))?
+        .ok_or(Error::SettingsMissing)?;
+    let publisher = Publisher::new(&config, usize::try_from(max_record_bytes).unwrap_or(0))?;
     let shutdown_timeout = config.shutdown_timeout();
     let retry = (config.retry_initial(), config.retry_max());
 
@@ -115,7 +123,7 @@ async fn run_relay(
     let ctx = Arc::new(WorkerContext {
         pg_config: pg_config.clone(),
         sql: sql.clone(),
-        publisher,
+        publisher: Arc::new(publisher),
         config,
         health: Arc::clone(&health),
         ownership: Arc::clone(&ownership),
@@ -148,12 +156,18 @@ async fn run_relay(
                             served: Arc::clone(&served),
                             spawn: spawn_tx.clone(),
                             ownership: Arc::clone(&ctx.ownership),
+                            health: Arc::clone(&ctx.health),
                             pulse: Arc::clone(&pulse),
                             start,
                         }
                         .run(stop_rx.clone()),
                     )
                 }
+                Task::KafkaWatch => Box::pin(crate::kafka_watch::run(
+                    Arc::clone(&ctx.publisher),
+                    Arc::clone(&ctx.health),
+                    stop_rx.clone(),
+                )),
                 Task::MappingCleanup => Box::pin(crate::mappings::run_cleanup(
                     ctx.pg_config.clone(),
                     ctx.sql.clone(),
@@ -181,6 +195,7 @@ async fn run_relay(
     };
     let mut supervisor = Supervisor::new(starter, retry, Arc::clone(&health), stop_rx.clone());
     supervisor.spawn(Task::Poller);
+    supervisor.spawn(Task::KafkaWatch);
     if ctx.config.mapping_cleanup_interval_ms > 0 {
         supervisor.spawn(Task::MappingCleanup);
     }

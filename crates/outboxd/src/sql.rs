@@ -28,6 +28,12 @@ pub struct Statements {
     /// How many partitions to serve: the configured count, or more while partitions above
     /// it (after the count was lowered) still hold messages. No parameters.
     pub partitions_to_serve: String,
+    /// Connections the server can still give to clients without superuser rights. No
+    /// parameters.
+    pub free_connections: String,
+    /// The largest record a message may make (`settings.max_record_bytes`), which the
+    /// producer is sized for. No parameters.
+    pub max_record_bytes: String,
     /// Takes the session-level advisory lock that makes this connection the only reader of
     /// a partition. `$1`: partition.
     pub try_lock_partition: String,
@@ -94,8 +100,8 @@ pub struct Statements {
     /// Registers this relay instance for as long as the session lives (a session advisory
     /// lock keyed by the backend pid), so instances can count each other. No parameters.
     pub register_instance: String,
-    /// How many relay instances are registered for this schema in this database. No
-    /// parameters.
+    /// How many relay instances are registered for this schema in this database, and how many
+    /// entities are parked (for `/health`). No parameters.
     pub count_instances: String,
     /// Locks the next mappings that may be forgotten (see `mappings`): above the partition
     /// count, or idle for the TTL; ones a writer holds are skipped. Writers refresh
@@ -143,6 +149,12 @@ impl Statements {
                                  coalesce((SELECT max(partition) + 1 FROM {s}.message), 0))
                    FROM {s}.settings"
             ),
+            max_record_bytes: format!("SELECT max_record_bytes FROM {s}.settings"),
+            free_connections: "SELECT current_setting('max_connections')::int8
+                                      - current_setting('superuser_reserved_connections')::int8
+                                      - (SELECT count(*) FROM pg_stat_activity
+                                          WHERE backend_type = 'client backend')"
+                .to_owned(),
             try_lock_partition: format!(
                 "SELECT pg_try_advisory_lock(hashtext('outboxd {s}'), $1::int4)"
             ),
@@ -271,10 +283,12 @@ impl Statements {
             ),
             // pg_locks shows the first key as an oid: the int4 hash read unsigned.
             count_instances: format!(
-                "SELECT count(*) FROM pg_locks
-                  WHERE locktype = 'advisory' AND granted AND objsubid = 2
-                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                    AND classid = (hashtext('outboxd instances {s}')::int8 & 4294967295)::oid"
+                "SELECT (SELECT count(*) FROM pg_locks
+                          WHERE locktype = 'advisory' AND granted AND objsubid = 2
+                            AND database = (SELECT oid FROM pg_database
+                                             WHERE datname = current_database())
+                            AND classid = (hashtext('outboxd instances {s}')::int8 & 4294967295)::oid),
+                        (SELECT count(*) FROM {s}.parked_entity)"
             ),
             lock_forgettable_mappings: format!(
                 "SELECT e.entity_key
@@ -304,6 +318,8 @@ impl Statements {
         vec![
             ("session_setup", SESSION_SETUP),
             ("partitions_to_serve", &self.partitions_to_serve),
+            ("max_record_bytes", &self.max_record_bytes),
+            ("free_connections", &self.free_connections),
             ("try_lock_partition", &self.try_lock_partition),
             ("open_first_window", &self.open_first_window),
             ("open_window", &self.open_window),

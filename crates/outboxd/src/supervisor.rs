@@ -23,6 +23,8 @@ pub enum Task {
     Poller,
     /// The sticky-mapping cleanup.
     MappingCleanup,
+    /// The Kafka reachability watch.
+    KafkaWatch,
     /// The worker of one virtual partition.
     Worker(i32),
 }
@@ -33,6 +35,7 @@ impl Task {
         match self {
             Task::Poller => "wake-up poller",
             Task::MappingCleanup => "mapping cleanup",
+            Task::KafkaWatch => "kafka watch",
             Task::Worker(_) => "partition worker",
         }
     }

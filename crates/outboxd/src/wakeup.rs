@@ -195,6 +195,8 @@ pub struct Poller {
     /// This instance's fair share of partitions, updated from the count of registered
     /// instances about once a second. The poller's connection carries the registration.
     pub ownership: Arc<Ownership>,
+    /// Where the poller reports the number of parked entities (counted with the instances).
+    pub health: Arc<crate::health::Health>,
     /// Where the poller reports that it is alive.
     pub pulse: Arc<PollerPulse>,
     /// From [`initial_state`], taken before the workers started; `None` for a restarted
@@ -221,6 +223,7 @@ impl Poller {
             served,
             spawn,
             ownership,
+            health,
             pulse,
             start,
         } = self;
@@ -280,10 +283,13 @@ impl Poller {
                     pulse.beat();
                     if counted_at.is_none_or(|t| t.elapsed() >= INSTANCE_COUNT_INTERVAL) {
                         counted_at = Some(Instant::now());
-                        if let Ok(r) = c.query_one(&sql.count_instances, &[]).await {
-                            let instances: i64 = r.get(0);
+                        if let Ok(r) = c.query_one(&sql.count_instances, &[]).await
+                            && let (Ok(instances), Ok(parked)) =
+                                (r.try_get::<_, i64>(0), r.try_get::<_, i64>(1))
+                        {
                             ownership
                                 .set_share(served.count(), usize::try_from(instances).unwrap_or(1));
+                            health.set_parked_entities(parked);
                         }
                     }
                     let decoded = (|| {
@@ -301,10 +307,12 @@ impl Poller {
                         Ok(d) => d,
                         Err(e) => {
                             tracing::error!(error = %e, "wake-up poll answered something unusable; workers fall back to polling");
+                            health.set_task("wake-up poller", Some(format!("cannot poll: {e}")));
                             tokio::time::sleep(backoff.next_delay()).await;
                             continue;
                         }
                     };
+                    health.set_task("wake-up poller", None);
                     if parked_epoch != current.parked_epoch {
                         current.parked_epoch = parked_epoch;
                         mailboxes.iter().for_each(|m| m.reset());
@@ -339,6 +347,10 @@ impl Poller {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "wake-up poll failed; workers fall back to polling");
+                    health.set_task(
+                        "wake-up poller",
+                        Some(format!("cannot poll: {}", outbox::describe_pg_error(&e))),
+                    );
                     if c.is_closed() {
                         client = None;
                     }

@@ -31,7 +31,7 @@ pub struct WorkerContext {
     /// The SQL texts.
     pub sql: Statements,
     /// The Kafka producers.
-    pub publisher: Publisher,
+    pub publisher: Arc<Publisher>,
     /// Batch size, intervals, retry settings and policies.
     pub config: Config,
     /// Where workers report their state.

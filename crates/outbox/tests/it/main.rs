@@ -7,3 +7,4 @@ mod save;
 mod semantics;
 mod services;
 mod support;
+mod tour;

@@ -314,6 +314,12 @@ async fn writers_keep_writing_through_postgres_crashes_and_every_commit_arrives_
         }
         unknown.extend(u);
     }
+    // A transaction cut by a crash did not commit, and the id it took can be handed out again
+    // after the restart (sequence values are logged ahead, and a log record that never
+    // reached disk is lost with it): an id acknowledged by one writer was then only
+    // "unknown" for another.
+    let acked_ids: std::collections::HashSet<i64> = acked.values().flatten().copied().collect();
+    unknown.retain(|id| !acked_ids.contains(id));
     let client = reconnect(&url).await;
     wait_until(Duration::from_secs(60), "every message retired", || async {
         client
@@ -329,32 +335,6 @@ async fn writers_keep_writing_through_postgres_crashes_and_every_commit_arrives_
     assert!(total > 100, "the writers wrote ({total} commits)");
     for (entity, mut ids) in acked {
         ids.sort_unstable();
-        let arrived: Vec<i64> = consumed
-            .iter()
-            .filter(|m| m.header("outbox-entity-key").as_deref() == Some(entity.as_str()))
-            .map(crate::support::outbox_id)
-            .collect();
-        let missing: Vec<i64> = ids
-            .iter()
-            .filter(|i| !arrived.contains(i))
-            .copied()
-            .collect();
-        eprintln!("DIAG {entity}: missing from Kafka entirely: {missing:?}");
-        for m in &missing {
-            if let Some(pos) = arrived.iter().position(|a| a > m) {
-                eprintln!(
-                    "DIAG   around {m}: {:?}",
-                    &arrived[pos.saturating_sub(5)..(pos + 10).min(arrived.len())]
-                );
-            }
-        }
-        let mut last = 0;
-        for a in &arrived {
-            if *a < last {
-                eprintln!("DIAG   {entity} arrival {a} after {last}");
-            }
-            last = last.max(*a);
-        }
         let kept: Vec<i64> = kept_ids(&consumed, &entity)
             .into_iter()
             .filter(|id| !unknown.contains(id))

@@ -18,3 +18,4 @@ mod refusals;
 mod scaling;
 mod supervision;
 mod support;
+mod tour;

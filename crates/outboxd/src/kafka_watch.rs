@@ -1,0 +1,38 @@
+//! Keeps `/health` honest about Kafka while nothing is being published: librdkafka reports
+//! when no broker can be reached, but says nothing when they come back, and an idle relay
+//! sends nothing that could be acknowledged. So while the producer counts Kafka as
+//! unreachable, this task asks the cluster for its metadata every few seconds, and it mirrors
+//! the state into `/health` (a partition with messages to publish shows `retrying` on its own
+//! after a few seconds without acknowledgements).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::health::Health;
+use crate::periodic::Periodic;
+use crate::publisher::Publisher;
+
+/// How often the state is mirrored and, while unreachable, the cluster asked.
+const INTERVAL: Duration = Duration::from_secs(2);
+
+/// Runs until `stop` turns true.
+pub async fn run(publisher: Arc<Publisher>, health: Arc<Health>, stop: watch::Receiver<bool>) {
+    let mut periodic = Periodic::new(INTERVAL, stop);
+    while periodic.tick().await {
+        if publisher.events().unreachable_for().is_some() {
+            let p = Arc::clone(&publisher);
+            // fetch_metadata blocks; keep it off the runtime's threads.
+            let _ = tokio::task::spawn_blocking(move || p.check_reachable(INTERVAL)).await;
+        }
+        let state = publisher.events().unreachable_for().map(|d| {
+            let last = publisher
+                .events()
+                .last_error()
+                .map_or_else(String::new, |(_, e)| format!(": {e}"));
+            format!("unreachable for {} s{last}", d.as_secs())
+        });
+        health.set_kafka(state);
+    }
+}
