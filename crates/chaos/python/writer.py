@@ -11,6 +11,7 @@ SIGTERM; then it prints its statistics as one JSON line on stdout.
 
 import argparse
 import json
+import os
 import random
 import signal
 import sys
@@ -59,6 +60,7 @@ class Writer(threading.Thread):
             "short_batches": 0,
             "short_batch_missing": 0,
             "connects": 0,
+            "async_commits": 0,
             "unexpected_errors": 0,
         }
 
@@ -107,7 +109,11 @@ class Writer(threading.Thread):
         count = min(self.args.entities, rng.randint(1, 6))
         picked = sorted(rng.sample(range(self.args.entities), count))
         messages = []  # (topic, entity, payload bytes)
+        # The harness asks for asynchronous commits for a few seconds before a crash.
+        asynchronous = bool(self.args.async_flag) and os.path.exists(self.args.async_flag)
         with conn.cursor() as cur:
+            if asynchronous:
+                cur.execute("SET LOCAL synchronous_commit = off")
             # Key order: the lock order every writer uses, so writers do not deadlock.
             for i in picked:
                 entity = f"e{i:03d}"
@@ -116,7 +122,7 @@ class Writer(threading.Thread):
                 (hi,) = cur.fetchone()
                 for seq in range(hi - k + 1, hi + 1):
                     payload = {"entity": entity, "seq": seq, "tx": token,
-                               "writer": self.name, "rb": rollback}
+                               "writer": self.name, "rb": rollback, "async": asynchronous}
                     messages.append((rng.choice(self.args.topics), entity,
                                      json.dumps(payload, separators=(",", ":")).encode()))
             if batch:
@@ -145,6 +151,8 @@ class Writer(threading.Thread):
             raise
         self.stats["committed_tx"] += 1
         self.stats["committed_messages"] += len(messages)
+        if asynchronous:
+            self.stats["async_commits"] += 1
 
 
 def main():
@@ -158,6 +166,8 @@ def main():
     parser.add_argument("--max-seconds", type=float, required=True,
                         help="stop by itself after this long, even without SIGTERM")
     parser.add_argument("--name", default="py")
+    parser.add_argument("--async-flag", default="",
+                        help="commit with synchronous_commit = off while this file exists")
     args = parser.parse_args()
     args.topics = args.topics.split(",")
 

@@ -4,6 +4,10 @@
 //! - **leaked**: a record of work that was rolled back: its `rb` flag is set, or its
 //!   (entity, seq, tx) is not committed (a seq above the entity's count, or a seq whose
 //!   committed transaction is another one).
+//! - **erased by a crash** (not a violation): a record whose transaction committed with
+//!   `synchronous_commit = off` (payload flag `async`) and is not in the database: it was
+//!   visible, so the relay published it, and then a PostgreSQL crash erased it before its
+//!   WAL was flushed. That is what asynchronous commit means; the relay cannot know.
 //! - **malformed**: a record that is not a chaos message with consistent key, headers and
 //!   broker timestamp (something the writers never wrote).
 //! - **reordered**: per entity, the records are merged from its Kafka partitions (one per
@@ -59,6 +63,8 @@ pub struct Findings {
     pub leaked: u64,
     /// Of those, records whose writer marked them as about to be rolled back.
     pub leaked_rb_flag: u64,
+    /// Records of asynchronously committed transactions a crash erased (not a violation).
+    pub erased_by_crash: u64,
     /// Records that are not chaos messages with consistent key and headers.
     pub malformed: u64,
     /// Order violations seen by a consumer that de-duplicates by `outbox-id`.
@@ -140,6 +146,10 @@ pub fn check(truth: &Truth, records: &[Record], topics: &[String]) -> Findings {
             .get(&p.entity)
             .and_then(|list| usize::try_from(p.seq - 1).ok().and_then(|i| list.get(i)))
             .is_some_and(|c| c.tx == p.tx);
+        if !p.rb && !committed && p.async_commit {
+            f.erased_by_crash += 1;
+            continue;
+        }
         if p.rb || !committed {
             f.leaked += 1;
             if p.rb {
@@ -326,6 +336,7 @@ mod tests {
             tx: format!("t{seq}"),
             writer: "test".into(),
             rb: false,
+            async_commit: false,
         };
         Record {
             topic,
@@ -381,6 +392,12 @@ mod tests {
         p.tx = "rolled-back".into();
         other_tx.payload = serde_json::to_vec(&p).ok();
         let above = rec(5, 20, 0, 3, 8);
+        // An asynchronous commit a crash erased after it was published: not a leak.
+        let mut erased = rec(3, 21, 0, 5, 10);
+        p.seq = 3;
+        p.tx = "erased".into();
+        p.async_commit = true;
+        erased.payload = serde_json::to_vec(&p).ok();
         let f = run(
             &truth(2),
             &[
@@ -389,9 +406,14 @@ mod tests {
                 other_tx,
                 above,
                 rec(2, 12, 0, 4, 9),
+                erased,
             ],
         );
-        assert_eq!((f.leaked, f.leaked_rb_flag), (3, 1), "{f:?}");
+        assert_eq!(
+            (f.leaked, f.leaked_rb_flag, f.erased_by_crash),
+            (3, 1, 1),
+            "{f:?}"
+        );
         assert_eq!((f.lost, f.reordered), (0, 0));
     }
 

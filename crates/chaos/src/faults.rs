@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
 
 use crate::clock::Clock;
+use crate::commit_mode::CommitMode;
 use crate::error::{Error, Result};
 use crate::relays::Relays;
 use crate::services::Services;
@@ -29,8 +30,12 @@ pub enum Action {
         /// How long it stays dead.
         down: Duration,
     },
-    /// `pg_ctl -m immediate stop` (a crash: unflushed WAL is lost), start after `down`.
+    /// Writers commit asynchronously for `lead`, then `pg_ctl -m immediate stop` (a crash:
+    /// unflushed WAL is lost, and with it the transaction ids of those seconds), start
+    /// after `down`.
     PgCrash {
+        /// How long the writers commit asynchronously before the crash.
+        lead: Duration,
         /// How long the server stays down.
         down: Duration,
     },
@@ -70,9 +75,8 @@ impl Action {
     /// How long the fault lasts, as drawn (restarts take longer in practice).
     fn nominal(&self) -> Duration {
         match *self {
-            Action::RelayKill { down, .. }
-            | Action::PgCrash { down }
-            | Action::KafkaKill { down } => down,
+            Action::RelayKill { down, .. } | Action::KafkaKill { down } => down,
+            Action::PgCrash { lead, down } => lead + down,
             Action::IdleTransaction { hold } => hold,
             Action::PgRestart | Action::PartitionCount { .. } => Duration::ZERO,
         }
@@ -86,9 +90,12 @@ impl fmt::Display for Action {
             Action::RelayKill { relay, down } => {
                 write!(f, "kill -9 relay-{relay}, down {:.1}s", s(down))
             }
-            Action::PgCrash { down } => {
-                write!(f, "PostgreSQL crash (immediate), down {:.1}s", s(down))
-            }
+            Action::PgCrash { lead, down } => write!(
+                f,
+                "asynchronous commits for {:.1}s, then PostgreSQL crash (immediate), down {:.1}s",
+                s(lead),
+                s(down)
+            ),
             Action::PgRestart => write!(f, "PostgreSQL clean restart"),
             Action::KafkaKill { down } => write!(f, "kill -9 Kafka, down {:.1}s", s(down)),
             Action::PartitionCount { count } => write!(f, "partition_count = {count}"),
@@ -122,6 +129,7 @@ pub fn schedule(seed: u64, phase: Duration, relays: usize) -> Vec<Fault> {
                 down: ms(rng, 200, 3_000),
             },
             1 => Action::PgCrash {
+                lead: ms(rng, 2_000, 8_000),
                 down: ms(rng, 500, 5_000),
             },
             2 => Action::PgRestart,
@@ -206,6 +214,8 @@ pub struct Target {
     pub relays: Relays,
     /// The run's clock, for log lines.
     pub clock: Clock,
+    /// The writers' commit mode, asynchronous before a crash.
+    pub commit_mode: CommitMode,
     pg: Mutex<()>,
     kafka: Mutex<()>,
     relay_locks: Vec<Mutex<()>>,
@@ -213,12 +223,18 @@ pub struct Target {
 
 impl Target {
     /// A target over these services and relays.
-    pub fn new(services: Services, relays: Relays, clock: Clock) -> Arc<Target> {
+    pub fn new(
+        services: Services,
+        relays: Relays,
+        clock: Clock,
+        commit_mode: CommitMode,
+    ) -> Arc<Target> {
         let relay_locks = (0..relays.count()).map(|_| Mutex::new(())).collect();
         Arc::new(Target {
             services,
             relays,
             clock,
+            commit_mode,
             pg: Mutex::new(()),
             kafka: Mutex::new(()),
             relay_locks,
@@ -268,9 +284,13 @@ async fn perform(action: Action, t: &Target) -> Result<()> {
             t.relays.start(relay)?;
             t.clock.say(format!("relay-{relay} started again"));
         }
-        Action::PgCrash { down } => {
+        Action::PgCrash { lead, down } => {
             let _guard = t.pg.lock().await;
-            t.services.run("pg-crash").await?;
+            t.commit_mode.set_asynchronous(true);
+            tokio::time::sleep(lead).await;
+            let crashed = t.services.run("pg-crash").await;
+            t.commit_mode.set_asynchronous(false);
+            crashed?;
             tokio::time::sleep(down).await;
             t.services.run("pg-start").await?;
             t.clock.say("PostgreSQL is back after the crash");

@@ -8,6 +8,7 @@
 
 mod checker;
 mod clock;
+mod commit_mode;
 mod consume;
 mod drain;
 mod error;

@@ -22,6 +22,10 @@ pub struct Payload {
     pub writer: String,
     /// Set on messages the writer is about to roll back: such a record must never arrive.
     pub rb: bool,
+    /// Set when the transaction commits with `synchronous_commit = off`: a crash may then
+    /// erase it after the relay published it (see checker.rs).
+    #[serde(default, rename = "async")]
+    pub async_commit: bool,
 }
 
 /// The name of entity `i`: a small key space keeps entities hot.
@@ -82,11 +86,12 @@ mod tests {
             tx: "rust-1-9".into(),
             writer: "rust-1".into(),
             rb: false,
+            async_commit: true,
         };
         let json = serde_json::to_string(&p).expect("serialize");
         assert_eq!(
             json,
-            r#"{"entity":"e007","seq":3,"tx":"rust-1-9","writer":"rust-1","rb":false}"#
+            r#"{"entity":"e007","seq":3,"tx":"rust-1-9","writer":"rust-1","rb":false,"async":true}"#
         );
         assert_eq!(serde_json::from_str::<Payload>(&json).expect("parse"), p);
     }

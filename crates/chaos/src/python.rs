@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::{Context, Error, Result};
+use crate::writers::WriterConfig;
 
 /// How to start the Python writer.
 #[derive(Debug, Clone)]
@@ -53,8 +54,7 @@ impl PythonWriter {
     pub fn start(
         config: &PythonConfig,
         dsn: &str,
-        topics: &[String],
-        entities: usize,
+        writers: &WriterConfig,
         seed: u64,
         max_seconds: u64,
         log: &Path,
@@ -63,12 +63,14 @@ impl PythonWriter {
         let child = Command::new(&config.python)
             .arg(&config.script)
             .args(["--dsn", dsn])
-            .args(["--topics", &topics.join(",")])
-            .args(["--entities", &entities.to_string()])
+            .args(["--topics", &writers.topics.join(",")])
+            .args(["--entities", &writers.entities.to_string()])
             // Python's Random takes any int; keep it positive and distinct from the Rust writers'.
             .args(["--seed", &(seed % (1 << 62)).to_string()])
             .args(["--threads", &config.threads.to_string()])
             .args(["--max-seconds", &max_seconds.to_string()])
+            .arg("--async-flag")
+            .arg(writers.commit_mode.file())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

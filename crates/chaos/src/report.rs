@@ -118,6 +118,12 @@ impl Summary {
             "leaked          {} ({} with the rb flag)",
             f.leaked, f.leaked_rb_flag
         ));
+        if f.erased_by_crash > 0 {
+            line(format!(
+                "erased          {} records of asynchronous commits a crash erased (not a violation)",
+                f.erased_by_crash
+            ));
+        }
         line(format!(
             "reordered       {} ({} within a topic, {} across topics)",
             f.reordered,

@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 
 use crate::clock::Clock;
+use crate::commit_mode::CommitMode;
 use crate::error::{Context, Result};
 use crate::faults::{self, Target};
 use crate::python::{self, PythonConfig, PythonWriter};
@@ -121,10 +122,12 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
 
     relays.start_all()?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let commit_mode = CommitMode::new(o.work_dir.join("async-commits"));
     let config = WriterConfig {
         entities: o.entities,
         topics: topics.clone(),
         pause_ms: o.pause_ms,
+        commit_mode: commit_mode.clone(),
     };
     let rust: Vec<_> = (0..o.rust_writers)
         .map(|i| writers::spawn(i, services.clone(), config.clone(), o.seed, stop_rx.clone()))
@@ -132,8 +135,7 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
     let mut py = PythonWriter::start(
         &o.python,
         &services.database_url,
-        &topics,
-        o.entities,
+        &config,
         o.seed,
         o.seconds + 120,
         &o.work_dir.join("python-writer.log"),
@@ -150,7 +152,7 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
     };
 
     let mut problems = Vec::new();
-    let target = Target::new(services.clone(), relays.clone(), clock);
+    let target = Target::new(services.clone(), relays.clone(), clock, commit_mode);
     let log = faults::execute(&schedule, Arc::clone(&target)).await;
     problems.extend(log.failures.iter().map(|f| format!("fault failed: {f}")));
     tokio::time::sleep_until(clock.at(phase).into()).await;

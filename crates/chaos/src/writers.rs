@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_postgres::{Client, Transaction};
 
+use crate::commit_mode::CommitMode;
 use crate::model::{self, Payload};
 use crate::services::Services;
 
@@ -26,6 +27,8 @@ pub struct WriterConfig {
     pub topics: Vec<String>,
     /// Longest pause between two transactions of one writer, in ms.
     pub pause_ms: u64,
+    /// Whether to commit asynchronously right now.
+    pub commit_mode: CommitMode,
 }
 
 /// What one writer did, as it saw it (informational: the verdict uses the database).
@@ -41,6 +44,8 @@ pub struct WriterStats {
     pub savepoint_rollbacks: u64,
     /// Transactions held open for seconds.
     pub long_tx: u64,
+    /// Committed transactions that committed with `synchronous_commit = off`.
+    pub async_commits: u64,
     /// Transactions that failed before their commit (connection lost, server shutting down).
     pub failed_tx: u64,
     /// Commits that failed: their outcome is unknown to the writer.
@@ -59,6 +64,7 @@ impl WriterStats {
         self.rolled_back_tx += other.rolled_back_tx;
         self.savepoint_rollbacks += other.savepoint_rollbacks;
         self.long_tx += other.long_tx;
+        self.async_commits += other.async_commits;
         self.failed_tx += other.failed_tx;
         self.unknown_commits += other.unknown_commits;
         self.short_batch_errors += other.short_batch_errors;
@@ -95,6 +101,8 @@ struct Plan {
     entities: Vec<(String, i64)>,
     /// A short pause before the commit, widening the window between id and commit.
     linger: Option<Duration>,
+    /// Commit with `synchronous_commit = off` (set from [`CommitMode`], not drawn).
+    asynchronous: bool,
 }
 
 impl Plan {
@@ -130,6 +138,7 @@ impl Plan {
             call,
             entities,
             linger,
+            asynchronous: false,
         }
     }
 }
@@ -178,7 +187,8 @@ pub fn spawn(
             let Some(c) = client.as_mut() else { continue };
             counter += 1;
             let token = format!("{name}-{counter}");
-            let plan = Plan::draw(&mut rng, config.entities);
+            let mut plan = Plan::draw(&mut rng, config.entities);
+            plan.asynchronous = config.commit_mode.asynchronous();
             match write(
                 c,
                 &plan,
@@ -195,6 +205,9 @@ pub fn spawn(
                     _ => {
                         stats.committed_tx += 1;
                         stats.committed_messages += messages;
+                        if plan.asynchronous {
+                            stats.async_commits += 1;
+                        }
                     }
                 },
                 Err(Failure::Before(e)) => {
@@ -226,6 +239,11 @@ async fn write(
 ) -> Result<u64, Failure> {
     let before = |e: &dyn std::fmt::Display| Failure::Before(e.to_string());
     let mut tx = client.transaction().await.map_err(|e| before(&e))?;
+    if plan.asynchronous {
+        tx.batch_execute("SET LOCAL synchronous_commit = off")
+            .await
+            .map_err(|e| before(&e))?;
+    }
     let rb = plan.ending == Ending::Rollback;
     let mut committed =
         write_part(&tx, plan, &plan.entities, token, writer, rb, topics, rng).await?;
@@ -295,6 +313,7 @@ async fn write_part(
                 tx: token.to_owned(),
                 writer: writer.to_owned(),
                 rb,
+                async_commit: plan.asynchronous,
             };
             let topic = &topics[rng.random_range(0..topics.len())];
             let msg = outbox::Message::builder(topic.as_str(), entity.as_str())
