@@ -59,6 +59,9 @@ pub struct Findings {
     pub lost: u64,
     /// Of those, still in outbox.message or outbox.dead_letter.
     pub lost_still_in_database: u64,
+    /// Lost messages per kind of writer (`rust`, `py`), from the transaction token: tells
+    /// a loss on the library's path from one on the SQL API's.
+    pub lost_by_writer: BTreeMap<String, u64>,
     /// Records of rolled-back work.
     pub leaked: u64,
     /// Of those, records whose writer marked them as about to be rolled back.
@@ -69,8 +72,12 @@ pub struct Findings {
     pub malformed: u64,
     /// Order violations seen by a consumer that de-duplicates by `outbox-id`.
     pub reordered: u64,
-    /// Of those, first deliveries dropped because a later message arrived on another topic.
+    /// Of those, first deliveries dropped only because a later message arrived on the other
+    /// topic (on its own topic the message is in order).
     pub reordered_across_topics: u64,
+    /// The longest time by which a dropped first delivery arrived after the later message
+    /// that was kept, in ms (a few ms: concurrent sends of one batch; seconds: a late read).
+    pub reorder_max_gap_ms: i64,
     /// Records of committed messages beyond the first of each.
     pub duplicates: u64,
     /// Commit to arrival.
@@ -210,6 +217,8 @@ pub fn check(truth: &Truth, records: &[Record], topics: &[String]) -> Findings {
             .filter_map(|(s, part)| part.first().map(|a| Reverse((a.ts, a.id, s, 0))))
             .collect();
         let mut last: Option<Arrival> = None;
+        // Per topic, the highest seq that arrived on it so far.
+        let mut topic_max: HashMap<usize, i64> = HashMap::new();
         let mut kept: HashSet<i64> = HashSet::new();
         let mut dropped: HashSet<i64> = HashSet::new();
         while let Some(Reverse((_, _, s, i))) = heads.pop() {
@@ -217,15 +226,23 @@ pub fn check(truth: &Truth, records: &[Record], topics: &[String]) -> Findings {
             if let Some(next) = parts[s].get(i + 1) {
                 heads.push(Reverse((next.ts, next.id, s, i + 1)));
             }
+            let behind_on_own_topic = topic_max.get(&a.topic).is_some_and(|m| *m > a.seq);
+            let seen = topic_max.entry(a.topic).or_insert(a.seq);
+            *seen = (*seen).max(a.seq);
             match last {
                 Some(l) if a.id <= l.id => {
                     if !kept.contains(&a.seq) && dropped.insert(a.seq) {
                         f.reordered += 1;
-                        if a.topic != l.topic {
+                        f.reorder_max_gap_ms = f.reorder_max_gap_ms.max(a.ts - l.ts);
+                        if !behind_on_own_topic {
                             f.reordered_across_topics += 1;
                         }
                         example(
-                            "reordered",
+                            if behind_on_own_topic {
+                                "reordered (own topic)"
+                            } else {
+                                "reordered (across topics)"
+                            },
                             format!(
                                 "{entity} seq {} (id {}, {}) arrived {} ms after seq {} (id {}, {}) and is dropped by a de-duplicating consumer",
                                 a.seq,
@@ -243,7 +260,7 @@ pub fn check(truth: &Truth, records: &[Record], topics: &[String]) -> Findings {
                     if let Some(l) = last.filter(|l| a.seq < l.seq) {
                         f.reordered += 1;
                         example(
-                            "reordered",
+                            "reordered (ids)",
                             format!(
                                 "{entity} seq {} has outbox-id {} above seq {}'s {}: ids out of commit order",
                                 a.seq, a.id, l.seq, l.id
@@ -261,6 +278,8 @@ pub fn check(truth: &Truth, records: &[Record], topics: &[String]) -> Findings {
             match first.get(&seq) {
                 None => {
                     f.lost += 1;
+                    let kind = c.tx.split('-').next().unwrap_or_default().to_owned();
+                    *f.lost_by_writer.entry(kind).or_default() += 1;
                     let still = truth
                         .in_database
                         .contains(&(entity.clone(), seq, c.tx.clone()));
@@ -286,7 +305,18 @@ pub fn check(truth: &Truth, records: &[Record], topics: &[String]) -> Findings {
     }
     f.duplicates = arrivals_total - distinct_total;
     f.latency_ms = latency(latencies);
-    f.examples = examples.into_values().flatten().collect();
+    // The graver findings first: cross-topic reorders can be many.
+    f.examples = [
+        "lost",
+        "leaked",
+        "malformed",
+        "reordered (own topic)",
+        "reordered (ids)",
+        "reordered (across topics)",
+    ]
+    .iter()
+    .flat_map(|kind| examples.remove(kind).unwrap_or_default())
+    .collect();
     f
 }
 
@@ -429,6 +459,19 @@ mod tests {
             ],
         );
         assert_eq!((f.reordered, f.reordered_across_topics, f.lost), (1, 0, 0));
+        assert_eq!(f.reorder_max_gap_ms, 1);
+        // Late on its own topic even though the message kept last is on the other topic.
+        let f = run(
+            &truth(4),
+            &[
+                rec(1, 10, 0, 0, 5),
+                rec(3, 12, 0, 1, 6),
+                rec(4, 13, 1, 0, 7),
+                rec(2, 11, 0, 2, 3_000),
+            ],
+        );
+        assert_eq!((f.reordered, f.reordered_across_topics), (1, 0));
+        assert_eq!(f.reorder_max_gap_ms, 2_993);
         // Across topics: seq 2 on topic b appended a millisecond after seq 3 on topic a.
         let f = run(
             &truth(3),

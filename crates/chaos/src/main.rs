@@ -81,7 +81,7 @@ struct Cli {
     #[arg(long, default_value_t = 20)]
     pause_ms: u64,
     /// How long the relays get to empty the outbox after the writers stopped, in s.
-    #[arg(long, default_value_t = 180)]
+    #[arg(long, default_value_t = 120)]
     drain_timeout_s: u64,
     /// Run nothing: judge the last run again from its database and topics.
     #[arg(long)]

@@ -114,6 +114,14 @@ impl Summary {
                 String::new()
             }
         ));
+        if !f.lost_by_writer.is_empty() {
+            let by: Vec<String> = f
+                .lost_by_writer
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            line(format!("  lost by writer: {}", by.join(", ")));
+        }
         line(format!(
             "leaked          {} ({} with the rb flag)",
             f.leaked, f.leaked_rb_flag
@@ -125,10 +133,11 @@ impl Summary {
             ));
         }
         line(format!(
-            "reordered       {} ({} within a topic, {} across topics)",
+            "reordered       {} ({} also out of order on their own topic, {} only across topics; up to {} ms late)",
             f.reordered,
             f.reordered - f.reordered_across_topics,
-            f.reordered_across_topics
+            f.reordered_across_topics,
+            f.reorder_max_gap_ms
         ));
         if f.malformed > 0 {
             line(format!("malformed       {}", f.malformed));
@@ -150,9 +159,10 @@ impl Summary {
         }
         let w = &self.rust_writers;
         line(format!(
-            "rust writers    {} tx committed ({} messages), {} rolled back, {} savepoints rolled back, {} held open, {} failed, {} unknown commits, {} short batches refused",
+            "rust writers    {} tx committed ({} messages, {} asynchronously), {} rolled back, {} savepoints rolled back, {} held open, {} failed, {} unknown commits, {} short batches refused",
             w.committed_tx,
             w.committed_messages,
+            w.async_commits,
             w.rolled_back_tx,
             w.savepoint_rollbacks,
             w.long_tx,

@@ -34,9 +34,11 @@ impl Services {
         let hint =
             "run the harness through scripts/chaos, which starts and selects its own services";
         let local = std::env::var("OUTBOX_LOCAL_DIR").unwrap_or_default();
-        if local.is_empty() {
+        // Unset, or the default folder itself: scripts/services would act on the shared
+        // services.
+        if local.is_empty() || local.trim_end_matches('/').ends_with("/.local") {
             return Err(Error::msg(format!(
-                "OUTBOX_LOCAL_DIR is not set, so scripts/services would crash the shared services; {hint}"
+                "OUTBOX_LOCAL_DIR ({local:?}) does not select a separate instance, so scripts/services would crash the shared services; {hint}"
             )));
         }
         let config: tokio_postgres::Config = self
