@@ -202,8 +202,12 @@ impl Relays {
                     _ => continue,
                 };
                 {
+                    let last = std::fs::read_to_string(self.log_path(i))
+                        .ok()
+                        .and_then(|t| t.lines().last().map(str::to_owned))
+                        .unwrap_or_default();
                     let line = format!(
-                        "relay-{i} exited with {status} at +{:.1}s (see relay-{i}.log)",
+                        "relay-{i} exited with {status} at +{:.1}s: {last}",
                         self.clock.elapsed().as_secs_f64()
                     );
                     self.clock.say(&line);

@@ -39,7 +39,7 @@ pub struct Summary {
     pub drained: bool,
     /// What was left in the outbox when it did not drain.
     pub stuck: Vec<String>,
-    /// Relay exits no fault asked for.
+    /// Relay exits no fault asked for (shown, not judged: the harness restarts the relay).
     pub relay_exits: Vec<String>,
     /// What the Rust writers did (their own view; not used for the verdict).
     pub rust_writers: WriterStats,

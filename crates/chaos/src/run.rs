@@ -221,10 +221,10 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
     tokio::task::spawn_blocking(move || stopping.stop_all(Duration::from_secs(10)))
         .await
         .context("stopping the relays")?;
+    // Shown, not judged: a relay that cannot reach PostgreSQL when it starts exits, and
+    // the supervisor starts it again as an init system would. What it did to the data is
+    // what the checker judges.
     let relay_exits = relays.unexpected_exits();
-    if !relay_exits.is_empty() {
-        problems.push(format!("{} relay exits without a fault", relay_exits.len()));
-    }
 
     clock.say("checking: reading the committed set and every record");
     let findings = check(services, &topics).await?;
