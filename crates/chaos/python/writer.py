@@ -78,7 +78,8 @@ class Writer(threading.Thread):
                 except psycopg.Error:
                     conn = None
                     self.stop.wait(backoff)
-                    backoff = min(backoff * 2, 1.0)
+                    # Back faster than the relays after a crash (see writers.rs).
+                    backoff = min(backoff * 2, 0.25)
                     continue
             counter += 1
             try:

@@ -177,9 +177,11 @@ pub fn spawn(
                         client = Some(c);
                     }
                     Err(_) => {
-                        // The server is down or recovering: try again soon.
+                        // The server is down or recovering: try again soon. Writers come
+                        // back faster than the relays (whose retries reach 1 s), so
+                        // commits land in the first moments after a crash recovery.
                         let _ = tokio::time::timeout(backoff, stop.changed()).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        backoff = (backoff * 2).min(Duration::from_millis(250));
                         continue;
                     }
                 }
