@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use crate::consume::Record;
 use crate::model::Payload;
-use crate::truth::Truth;
+use crate::truth::{Committed, Truth};
 
 /// How many examples of each finding the summary shows.
 const EXAMPLES: usize = 8;
@@ -103,8 +103,14 @@ struct Arrival {
     offset: i64,
 }
 
-/// Judges `records` (any order) against `truth`; `topics` names them in examples.
-pub fn check(truth: &Truth, records: &[Record], topics: &[String]) -> Findings {
+/// Judges `records` (any order) against `truth`; `topics` names them in examples, and
+/// examples give commit times as seconds after `origin_us` (the run's start, µs since the
+/// epoch), as the harness's log lines do.
+pub fn check(truth: &Truth, records: &[Record], topics: &[String], origin_us: i64) -> Findings {
+    let at = |c: Option<&Committed>| match c.and_then(|c| c.commit_us) {
+        Some(us) => format!("committed at +{:.1}s", (us - origin_us) as f64 / 1e6),
+        None => "commit time unknown".to_owned(),
+    };
     let mut f = Findings {
         records: records.len() as u64,
         committed_messages: truth.committed(),
@@ -244,10 +250,11 @@ pub fn check(truth: &Truth, records: &[Record], topics: &[String]) -> Findings {
                                 "reordered (across topics)"
                             },
                             format!(
-                                "{entity} seq {} (id {}, {}) arrived {} ms after seq {} (id {}, {}) and is dropped by a de-duplicating consumer",
+                                "{entity} seq {} (id {}, {}, {}) arrived {} ms after seq {} (id {}, {}) and is dropped by a de-duplicating consumer",
                                 a.seq,
                                 a.id,
                                 topic_name(a.topic),
+                                at(committed.get(a.seq as usize - 1)),
                                 a.ts - l.ts,
                                 l.seq,
                                 l.id,
@@ -289,8 +296,9 @@ pub fn check(truth: &Truth, records: &[Record], topics: &[String]) -> Findings {
                     example(
                         "lost",
                         format!(
-                            "{entity} seq {seq} of transaction {}{}",
+                            "{entity} seq {seq} of transaction {}, {}{}",
                             c.tx,
+                            at(Some(c)),
                             if still { " (still in the outbox)" } else { "" }
                         ),
                     );
@@ -338,7 +346,6 @@ fn latency(mut ms: Vec<f64>) -> Option<Latency> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::truth::Committed;
 
     const TOPICS: [&str; 2] = ["ta", "tb"];
 
@@ -382,7 +389,7 @@ mod tests {
 
     fn run(truth: &Truth, records: &[Record]) -> Findings {
         let topics: Vec<String> = TOPICS.iter().map(|s| s.to_string()).collect();
-        check(truth, records, &topics)
+        check(truth, records, &topics, 0)
     }
 
     #[test]

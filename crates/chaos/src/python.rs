@@ -43,10 +43,20 @@ pub fn preflight(config: &PythonConfig) -> Result<()> {
     Ok(())
 }
 
-/// The running writer.
+/// The running writer; dropped without [`PythonWriter::stop`] (the run failed), the
+/// process is killed rather than left writing.
 #[derive(Debug)]
 pub struct PythonWriter {
-    child: Child,
+    child: Option<Child>,
+}
+
+impl Drop for PythonWriter {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl PythonWriter {
@@ -76,29 +86,34 @@ impl PythonWriter {
             .stderr(Stdio::from(log))
             .spawn()
             .context(format!("starting {}", config.script.display()))?;
-        Ok(PythonWriter { child })
+        Ok(PythonWriter { child: Some(child) })
     }
 
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
     /// Sends SIGTERM, waits for the process to finish its transaction and exit, and returns
     /// its statistics.
     pub async fn stop(mut self) -> Result<serde_json::Value> {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| Error::msg("the Python writer was stopped twice"))?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
         tokio::task::spawn_blocking(move || {
             let deadline = Instant::now() + Duration::from_secs(30);
             let status = loop {
-                match self.child.try_wait() {
+                match child.try_wait() {
                     Ok(Some(status)) => break status,
                     Ok(None) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(50));
                     }
                     _ => {
-                        let _ = self.child.kill();
+                        let _ = child.kill();
                         return Err(Error::msg(
                             "the Python writer did not stop within 30 s of SIGTERM",
                         ));
@@ -106,7 +121,7 @@ impl PythonWriter {
                 }
             };
             let mut out = String::new();
-            if let Some(mut stdout) = self.child.stdout.take() {
+            if let Some(mut stdout) = child.stdout.take() {
                 stdout
                     .read_to_string(&mut out)
                     .context("reading the Python writer's output")?;

@@ -98,8 +98,12 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
         .map(|d| d.as_secs())
         .unwrap_or_default();
     let topics = topics::recreate(&services.brokers, &format!("{}-{unix}", o.seed)).await?;
+    // The run's start on the wall clock, for commit times in the examples.
+    let origin_us = unix_us() - clock.elapsed().as_micros() as i64;
     // What --recheck needs to judge this run again later.
-    let record = serde_json::json!({ "seed": o.seed, "seconds": o.seconds, "topics": topics });
+    let record = serde_json::json!({
+        "seed": o.seed, "seconds": o.seconds, "topics": topics, "origin_us": origin_us
+    });
     std::fs::write(o.work_dir.join(RUN_FILE), record.to_string())
         .context(format!("writing {RUN_FILE}"))?;
 
@@ -227,7 +231,7 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
     let relay_exits = relays.unexpected_exits();
 
     clock.say("checking: reading the committed set and every record");
-    let findings = check(services, &topics).await?;
+    let findings = check(services, &topics, origin_us).await?;
     if findings.committed_messages == 0 {
         problems.push("nothing was committed: the run proves nothing".into());
     }
@@ -250,7 +254,11 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
 }
 
 /// Reads the committed set and every record of `topics`, and judges them.
-async fn check(services: &Services, topics: &[String]) -> Result<checker::Findings> {
+async fn check(
+    services: &Services,
+    topics: &[String],
+    origin_us: i64,
+) -> Result<checker::Findings> {
     let client = services.connect().await?;
     let truth = truth::read(&client).await?;
     let brokers = services.brokers.clone();
@@ -260,7 +268,7 @@ async fn check(services: &Services, topics: &[String]) -> Result<checker::Findin
     })
     .await
     .context("reading the topics")??;
-    Ok(checker::check(&truth, &records, topics))
+    Ok(checker::check(&truth, &records, topics, origin_us))
 }
 
 /// Judges the last run again from what its database and topics hold now (after a change
@@ -282,7 +290,8 @@ pub async fn recheck(o: Options) -> Result<Summary> {
                 .collect()
         })
         .unwrap_or_default();
-    let findings = check(&o.services, &topics).await?;
+    let origin_us = record["origin_us"].as_i64().unwrap_or_default();
+    let findings = check(&o.services, &topics, origin_us).await?;
     let mut summary = Summary {
         seed: record["seed"].as_u64().unwrap_or_default(),
         verdict: Verdict::Incomplete,
@@ -299,4 +308,12 @@ pub async fn recheck(o: Options) -> Result<Summary> {
     };
     summary.decide();
     Ok(summary)
+}
+
+/// Now, in microseconds since the epoch.
+fn unix_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
 }
