@@ -203,6 +203,8 @@ pub struct FaultLog {
     pub counts: BTreeMap<&'static str, u64>,
     /// Faults that could not be carried out or undone (the run is then incomplete).
     pub failures: Vec<String>,
+    /// Service starts that failed before a later attempt succeeded.
+    pub notes: Vec<String>,
 }
 
 /// Everything a fault may touch, with one lock per resource.
@@ -252,18 +254,28 @@ pub async fn execute(faults: &[Fault], target: Arc<Target>) -> FaultLog {
             tokio::spawn(async move {
                 tokio::time::sleep_until(target.clock.at(fault.at).into()).await;
                 target.clock.say(format!("fault: {}", fault.action));
-                let result = perform(fault.action, &target).await;
-                (fault.action, result)
+                let mut notes = Vec::new();
+                let result = perform(fault.action, &target, &mut notes).await;
+                for n in &notes {
+                    target.clock.say(format!("retried: {n}"));
+                }
+                (fault.action, result, notes)
             })
         })
         .collect();
     let mut log = FaultLog::default();
     for task in tasks {
         match task.await {
-            Ok((action, Ok(()))) => *log.counts.entry(action.kind()).or_default() += 1,
-            Ok((action, Err(e))) => {
-                target.clock.say(format!("fault failed: {action}: {e}"));
-                log.failures.push(format!("{action}: {e}"));
+            Ok((action, result, notes)) => {
+                log.notes
+                    .extend(notes.into_iter().map(|n| format!("{action}: {n}")));
+                match result {
+                    Ok(()) => *log.counts.entry(action.kind()).or_default() += 1,
+                    Err(e) => {
+                        target.clock.say(format!("fault failed: {action}: {e}"));
+                        log.failures.push(format!("{action}: {e}"));
+                    }
+                }
             }
             Err(e) => log.failures.push(format!("a fault task panicked: {e}")),
         }
@@ -271,7 +283,14 @@ pub async fn execute(faults: &[Fault], target: Arc<Target>) -> FaultLog {
     log
 }
 
-async fn perform(action: Action, t: &Target) -> Result<()> {
+/// Starts a service again, retrying; failed attempts go to `notes`.
+async fn start_again(t: &Target, command: &'static str, notes: &mut Vec<String>) -> Result<()> {
+    let (result, failed) = t.services.run_retrying(command).await;
+    notes.extend(failed);
+    result
+}
+
+async fn perform(action: Action, t: &Target, notes: &mut Vec<String>) -> Result<()> {
     match action {
         Action::RelayKill { relay, down } => {
             let lock = t
@@ -292,7 +311,7 @@ async fn perform(action: Action, t: &Target) -> Result<()> {
             t.commit_mode.set_asynchronous(false);
             crashed?;
             tokio::time::sleep(down).await;
-            t.services.run("pg-start").await?;
+            start_again(t, "pg-start", notes).await?;
             t.clock.say("PostgreSQL is back after the crash");
         }
         Action::PgRestart => {
@@ -304,7 +323,7 @@ async fn perform(action: Action, t: &Target) -> Result<()> {
             let _guard = t.kafka.lock().await;
             t.services.run("kafka-kill").await?;
             tokio::time::sleep(down).await;
-            t.services.run("kafka-start").await?;
+            start_again(t, "kafka-start", notes).await?;
             t.clock.say("Kafka is back");
         }
         Action::PartitionCount { count } => {
@@ -352,12 +371,13 @@ async fn perform(action: Action, t: &Target) -> Result<()> {
     Ok(())
 }
 
-/// After the fault phase: makes sure PostgreSQL, Kafka and every relay run again.
-pub async fn restore(t: &Target) -> Result<()> {
+/// After the fault phase: makes sure PostgreSQL, Kafka and every relay run again; failed
+/// attempts that a later one made good go to `notes`.
+pub async fn restore(t: &Target, notes: &mut Vec<String>) -> Result<()> {
     if !t.services.pg_ready().await {
-        t.services.run("pg-start").await?;
+        start_again(t, "pg-start", notes).await?;
     }
-    t.services.run("kafka-start").await?;
+    start_again(t, "kafka-start", notes).await?;
     t.relays.start_all()
 }
 

@@ -41,6 +41,8 @@ pub struct Summary {
     pub stuck: Vec<String>,
     /// Relay exits no fault asked for (shown, not judged: the harness restarts the relay).
     pub relay_exits: Vec<String>,
+    /// Service starts that failed before a later attempt succeeded (shown, not judged).
+    pub notes: Vec<String>,
     /// What the Rust writers did (their own view; not used for the verdict).
     pub rust_writers: WriterStats,
     /// What the Python writer did (its own view; not used for the verdict).
@@ -173,6 +175,9 @@ impl Summary {
         line(format!("python writer   {}", self.python_writer));
         for e in &self.relay_exits {
             line(format!("relay exit      {e}"));
+        }
+        for n in &self.notes {
+            line(format!("note            {n}"));
         }
         for p in &self.problems {
             line(format!("problem         {p}"));

@@ -160,7 +160,8 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
     let log = faults::execute(&schedule, Arc::clone(&target)).await;
     problems.extend(log.failures.iter().map(|f| format!("fault failed: {f}")));
     tokio::time::sleep_until(clock.at(phase).into()).await;
-    if let Err(e) = faults::restore(&target).await {
+    let mut notes = log.notes.clone();
+    if let Err(e) = faults::restore(&target, &mut notes).await {
         problems.push(format!(
             "could not bring the services back after the faults: {e}"
         ));
@@ -245,6 +246,7 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
         drained,
         stuck,
         relay_exits,
+        notes,
         rust_writers: rust_stats,
         python_writer: python_stats,
         problems,
@@ -302,6 +304,7 @@ pub async fn recheck(o: Options) -> Result<Summary> {
         drained: drain::wait(&o.services, Duration::ZERO, &clock).await,
         stuck: Vec::new(),
         relay_exits: Vec::new(),
+        notes: Vec::new(),
         rust_writers: WriterStats::default(),
         python_writer: serde_json::Value::Null,
         problems: Vec::new(),

@@ -90,13 +90,35 @@ impl Services {
         if output.status.success() {
             return Ok(());
         }
+        // The cause is usually the first exception or error line; the last line says
+        // what the script gave up on.
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(8).collect();
+        let mut lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("Exception") || l.contains("ERROR") || l.contains("FATAL"))
+            .take(3)
+            .collect();
+        lines.extend(stderr.lines().last());
         Err(Error::msg(format!(
             "scripts/services {command} failed ({}): {}",
             output.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            lines.join(" | ")
         )))
+    }
+
+    /// [`Services::run`], tried up to three times: a broker killed with SIGKILL does not
+    /// always start at the first attempt. Each failed attempt is returned as a note.
+    pub async fn run_retrying(&self, command: &'static str) -> (Result<()>, Vec<String>) {
+        let mut notes = Vec::new();
+        for attempt in 1..=3 {
+            match self.run(command).await {
+                Ok(()) => return (Ok(()), notes),
+                Err(e) if attempt == 3 => return (Err(e), notes),
+                Err(e) => notes.push(format!("attempt {attempt}: {e}")),
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        (Err(Error::msg("unreachable")), notes)
     }
 
     /// A new session on the chaos database (with a connect timeout, so a crashed server
