@@ -14,7 +14,8 @@ use crate::writers::WriterStats;
 pub enum Verdict {
     /// Nothing lost, leaked, invented or reordered, and the run completed.
     Pass,
-    /// The checker found violations.
+    /// The checker found violations, or the relays did not publish everything by
+    /// themselves after the writers stopped.
     Fail,
     /// The run could not complete (see `problems`); findings may be partial.
     Incomplete,
@@ -54,7 +55,7 @@ pub struct Summary {
 impl Summary {
     /// The verdict from the findings and the problems.
     pub fn decide(&mut self) {
-        self.verdict = if !self.findings.clean() {
+        self.verdict = if !self.findings.clean() || !self.drained {
             Verdict::Fail
         } else if !self.problems.is_empty() {
             Verdict::Incomplete
