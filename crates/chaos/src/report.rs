@@ -1,0 +1,197 @@
+//! The run's summary: a human-readable block and the same as one JSON line (also written
+//! to `summary.json` in the work folder), and the verdict that decides the exit code.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::checker::Findings;
+use crate::writers::WriterStats;
+
+/// How the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Nothing lost, leaked, invented or reordered, and the run completed.
+    Pass,
+    /// The checker found violations, or the relays did not publish everything by
+    /// themselves after the writers stopped.
+    Fail,
+    /// The run could not complete (see `problems`); findings may be partial.
+    Incomplete,
+}
+
+/// Everything the run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The seed; `--seed` with it replays the same fault schedule.
+    pub seed: u64,
+    /// The verdict.
+    pub verdict: Verdict,
+    /// Length of the writing phase (faults plus the quiet tail), in s.
+    pub write_seconds: f64,
+    /// Wall time of the whole run, in s.
+    pub wall_seconds: f64,
+    /// Faults carried out, per kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// The checker's findings.
+    pub findings: Findings,
+    /// True when the outbox emptied by itself after the writers stopped.
+    pub drained: bool,
+    /// What was left in the outbox when it did not drain.
+    pub stuck: Vec<String>,
+    /// Relay exits no fault asked for (shown, not judged: the harness restarts the relay).
+    pub relay_exits: Vec<String>,
+    /// Service starts that failed before a later attempt succeeded (shown, not judged).
+    pub notes: Vec<String>,
+    /// What the Rust writers did (their own view; not used for the verdict).
+    pub rust_writers: WriterStats,
+    /// What the Python writer did (its own view; not used for the verdict).
+    pub python_writer: serde_json::Value,
+    /// Why the run is incomplete or suspect, besides the findings.
+    pub problems: Vec<String>,
+}
+
+impl Summary {
+    /// The verdict from the findings and the problems.
+    pub fn decide(&mut self) {
+        self.verdict = if !self.findings.clean() || !self.drained {
+            Verdict::Fail
+        } else if !self.problems.is_empty() {
+            Verdict::Incomplete
+        } else {
+            Verdict::Pass
+        };
+    }
+
+    /// The process exit code: 0 only for a pass.
+    pub fn exit_code(&self) -> u8 {
+        match self.verdict {
+            Verdict::Pass => 0,
+            Verdict::Fail => 1,
+            Verdict::Incomplete => 2,
+        }
+    }
+
+    /// The human-readable block.
+    pub fn human(&self) -> String {
+        let f = &self.findings;
+        let mut out = String::new();
+        let mut line = |s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        line("==================== chaos summary ====================".into());
+        line(format!(
+            "seed            {} (reproduce: scripts/chaos --seconds {:.0} --seed {})",
+            self.seed, self.write_seconds, self.seed
+        ));
+        line(format!(
+            "verdict         {}",
+            match self.verdict {
+                Verdict::Pass => "PASS",
+                Verdict::Fail => "FAIL",
+                Verdict::Incomplete => "INCOMPLETE",
+            }
+        ));
+        line(format!(
+            "duration        {:.0}s writing, {:.0}s in all",
+            self.write_seconds, self.wall_seconds
+        ));
+        let faults: Vec<String> = self
+            .faults
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        line(format!("faults          {}", faults.join(", ")));
+        line(format!(
+            "committed       {} messages (database); {} records read from Kafka",
+            f.committed_messages, f.records
+        ));
+        line(format!(
+            "lost            {}{}",
+            f.lost,
+            if f.lost_still_in_database > 0 {
+                format!(" ({} still in the outbox)", f.lost_still_in_database)
+            } else {
+                String::new()
+            }
+        ));
+        if !f.lost_by_writer.is_empty() {
+            let by: Vec<String> = f
+                .lost_by_writer
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            line(format!("  lost by writer: {}", by.join(", ")));
+        }
+        line(format!(
+            "leaked          {} ({} with the rb flag)",
+            f.leaked, f.leaked_rb_flag
+        ));
+        if f.erased_by_crash > 0 {
+            line(format!(
+                "erased          {} records of asynchronous commits a crash erased (not a violation)",
+                f.erased_by_crash
+            ));
+        }
+        line(format!(
+            "reordered       {} ({} also out of order on their own topic, {} only across topics; up to {} ms late)",
+            f.reordered,
+            f.reordered - f.reordered_across_topics,
+            f.reordered_across_topics,
+            f.reorder_max_gap_ms
+        ));
+        if f.malformed > 0 {
+            line(format!("malformed       {}", f.malformed));
+        }
+        line(format!("duplicates      {}", f.duplicates));
+        match &f.latency_ms {
+            Some(l) => line(format!(
+                "commit->arrival p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms ({} messages)",
+                l.p50, l.p99, l.max, l.count
+            )),
+            None => line("commit->arrival (no message measured)".into()),
+        }
+        line(format!(
+            "drained         {}",
+            if self.drained { "yes" } else { "NO" }
+        ));
+        for s in &self.stuck {
+            line(format!("  stuck: {s}"));
+        }
+        let w = &self.rust_writers;
+        line(format!(
+            "rust writers    {} tx committed ({} messages, {} asynchronously), {} rolled back, {} savepoints rolled back, {} held open, {} failed, {} unknown commits, {} short batches refused",
+            w.committed_tx,
+            w.committed_messages,
+            w.async_commits,
+            w.rolled_back_tx,
+            w.savepoint_rollbacks,
+            w.long_tx,
+            w.failed_tx,
+            w.unknown_commits,
+            w.short_batch_errors
+        ));
+        line(format!("python writer   {}", self.python_writer));
+        for e in &self.relay_exits {
+            line(format!("relay exit      {e}"));
+        }
+        for n in &self.notes {
+            line(format!("note            {n}"));
+        }
+        for p in &self.problems {
+            line(format!("problem         {p}"));
+        }
+        for e in &f.examples {
+            line(format!("  {e}"));
+        }
+        line("=======================================================".into());
+        out
+    }
+
+    /// The summary as one line of JSON.
+    pub fn json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
