@@ -14,12 +14,25 @@ fn body(tag: &str) -> Vec<u8> {
     tag.as_bytes().to_vec()
 }
 
-/// Writes A1, A2 (too large), A3, B1, B2 and returns the id of A2.
+/// Writes A1, A2 (too large), A3, B1, B2 and returns the id of A2. A2 is written while the
+/// schema's record limit was higher, then the limit is set back to the default: the relay's
+/// producer is sized for the default and refuses A2 for good.
 async fn write_sequence(
     setup: &Setup,
     topic: &str,
 ) -> (std::collections::HashMap<String, Vec<i64>>, i64) {
-    let big = setup.outbox.clone().with_max_payload_bytes(2 * TOO_LARGE);
+    let set_limit = |max: i32| async move {
+        setup
+            .client
+            .execute(
+                &format!("UPDATE {}.settings SET max_record_bytes = $1", setup.schema),
+                &[&max],
+            )
+            .await
+            .expect("record limit");
+    };
+    set_limit(2_000_000).await;
+    let big = setup.outbox.clone();
     let mut ids = write_messages(&big, topic, &[("A".into(), body("A1"))]).await;
     let a2 = write_messages(&big, topic, &[("A".into(), vec![b'x'; TOO_LARGE])]).await["A"][0];
     for (k, v) in write_messages(
@@ -35,6 +48,7 @@ async fn write_sequence(
     {
         ids.entry(k).or_default().extend(v);
     }
+    set_limit(1_000_000).await;
     (ids, a2)
 }
 
@@ -202,6 +216,16 @@ async fn park_entity_holds_back_that_entity_until_unparked() {
         .expect("A is parked")
         .get(0);
     assert_eq!(parked, a2);
+    // /health shows it (counted with the instances, about once a second).
+    wait_until(
+        Duration::from_secs(10),
+        "health shows the parked entity",
+        || {
+            let body = relay.health.to_json();
+            async move { body.contains("\"parked_entities\":1") }
+        },
+    )
+    .await;
 
     // The operator releases A (what `outboxd unpark A` runs): A3 then A4 follow, in order.
     let sql = outboxd::sql::Statements::new(&setup.schema);
