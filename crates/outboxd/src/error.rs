@@ -71,6 +71,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when PostgreSQL could not be reached or the connection broke (refused, reset,
+    /// timed out, the server shutting down or still starting up): waiting and retrying may
+    /// help, unlike for a refusal of what was asked.
+    pub fn is_connection_failure(&self) -> bool {
+        let source = match self {
+            Error::Postgres { source, .. } => source,
+            Error::Outbox(outbox::Error::Database { source, .. }) => source,
+            _ => return false,
+        };
+        if let Some(db) = source.as_db_error() {
+            let code = db.code().code();
+            return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03");
+        }
+        source.is_closed()
+            || std::error::Error::source(source).is_some_and(|s| s.is::<std::io::Error>())
+    }
+
     pub(crate) fn pg(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
         move |source| Error::Postgres { context, source }
     }

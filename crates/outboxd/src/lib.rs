@@ -36,6 +36,7 @@ pub mod reader;
 pub mod relay;
 pub mod session;
 pub mod sql;
+mod startup;
 pub mod supervisor;
 mod wakeup;
 mod worker;

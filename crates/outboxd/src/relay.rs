@@ -18,9 +18,9 @@ use crate::faults::Faults;
 use crate::health::Health;
 use crate::ownership::Ownership;
 use crate::publisher::Publisher;
-use crate::sql::Statements;
+use crate::startup::{Started, start_up};
 use crate::supervisor::{Starter, Supervisor, Task, TaskFuture};
-use crate::wakeup::{Mailbox, Poller, PollerPulse, Served, initial_state};
+use crate::wakeup::{Mailbox, Poller, PollerPulse, Served};
 use crate::worker::{WorkerContext, run_worker};
 
 /// Runs the relay until `shutdown` completes, then shuts down gracefully. Returns an error
@@ -74,37 +74,25 @@ async fn run_relay(
     faults: Arc<Faults>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    tokio::pin!(shutdown);
+    let Some(Started {
+        control,
+        sql,
+        partitions,
+        max_record_bytes,
+        start,
+    }) = start_up(&config, &health, shutdown.as_mut()).await?
+    else {
+        tracing::info!("stopped before the relay started");
+        return Ok(());
+    };
     let schema = config.schema()?;
     let pg_config: tokio_postgres::Config = config
         .database_url
         .parse()
         .map_err(Error::pg("parsing database_url"))?;
-    let control = crate::session::connect(&pg_config, crate::sql::SESSION_SETUP, "control").await?;
-    outbox::check_schema(&control, &schema).await?;
-    let sql = Statements::new(&schema);
-    crate::guards::check_id_sequence(&control, &sql).await?;
-    // The control connection becomes the poller's: it carries this instance's registration.
-    control
-        .batch_execute(&sql.register_instance)
-        .await
-        .map_err(Error::pg("registering the relay instance"))?;
     let ownership = Arc::new(Ownership::default());
-    let partitions: i32 = control
-        .query_one(&sql.partitions_to_serve, &[])
-        .await
-        .map_err(Error::pg("reading the partition count"))?
-        .try_get::<_, Option<i32>>(0)
-        .map_err(Error::pg("reading the partition count"))?
-        .ok_or(Error::SettingsMissing)?;
-    crate::guards::warn_about_connections(&control, &sql, partitions).await;
-    let max_record_bytes: i32 = control
-        .query_one(&sql.max_record_bytes, &[])
-        .await
-        .map_err(Error::pg("reading the record limit"))?
-        .try_get::<_, Option<i32>>(0)
-        .map_err(Error::pg("reading the record limit"))?
-        .ok_or(Error::SettingsMissing)?;
-    let publisher = Publisher::new(&config, usize::try_from(max_record_bytes).unwrap_or(0))?;
+    let publisher = Publisher::new(&config, max_record_bytes)?;
     let shutdown_timeout = config.shutdown_timeout();
     let retry = (config.retry_initial(), config.retry_max());
 
@@ -115,8 +103,6 @@ async fn run_relay(
     let served = Arc::new(Served::new(MAX_PARTITIONS, partitions));
     let (spawn_tx, mut spawn_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
     let pulse = Arc::new(PollerPulse::default());
-    // Taken before any worker starts, so every later commit reaches a worker in a window.
-    let start = initial_state(&control, &sql).await?;
     // The first poller gets the control connection and the starting point; a restarted one
     // connects and starts over (see `Poller::start`).
     let mut first_poller = Some((control, start));
@@ -204,7 +190,6 @@ async fn run_relay(
     }
     tracing::info!(partitions, schema = %schema, "relay started");
 
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,

@@ -180,3 +180,34 @@ async fn retriable_produce_errors_are_retried_in_place_without_reordering() {
     assert_eq!(all.len() - dropped, 120);
     setup.cleanup().await;
 }
+
+/// A relay that comes up before PostgreSQL (a host reboot, a database restart) waits for it,
+/// showing why in `/health`, instead of exiting; once the database answers it starts and
+/// relays. Before, it exited at once with "connection refused".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_before_postgres_waits_for_it() {
+    let setup = Setup::new(1).await;
+    let topic = outbox_testkit::create_topic("early", 1).await;
+    let pg: tokio_postgres::Config = outbox_testkit::database_url().parse().expect("url");
+    let proxy = PgProxy::start(format!("127.0.0.1:{}", pg.get_ports()[0])).await;
+    proxy.cut();
+    let relay = RunningRelay::start(outboxd::Config {
+        database_url: proxy.url_for(&outbox_testkit::database_url()),
+        retry_initial_ms: 50,
+        retry_max_ms: 300,
+        ..setup.relay_config()
+    });
+    wait_until(Duration::from_secs(10), "health says it waits", || {
+        let body = relay.health.to_json();
+        async move { body.contains("waiting for PostgreSQL") && body.contains("\"healthy\":false") }
+    })
+    .await;
+    let expected = write_messages(&setup.outbox, &topic, &entity_messages("w", 20)).await;
+    proxy.restore();
+    setup.wait_drained("relayed once PostgreSQL answers").await;
+    assert!(relay.health.is_healthy(), "{}", relay.health.to_json());
+    relay.stop().await;
+    let consumed = outbox_testkit::consume(&topic, 20, Duration::from_secs(30));
+    outbox_testkit::assert_dedup_order(&consumed, &expected);
+    setup.cleanup().await;
+}
