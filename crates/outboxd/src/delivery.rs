@@ -13,10 +13,12 @@
 //! in it, so messages refused with a batch-level error are sent again one at a time, alone,
 //! through the probe producer, and the one that is refused alone is the one at fault. The
 //! innocent ones are acknowledged on the way. A message that blocked the partition is, on
-//! every retry, tried alone through the probe producer first, so a poison message never
-//! reaches the shared producer twice (its gap-less guarantee turns a refusal into a fatal
-//! error that fails every partition's messages in flight). A row the reader could not decode
-//! is refused without being sent.
+//! every retry, tried alone through the probe producer, so a poison message never reaches the
+//! shared producer twice (its gap-less guarantee turns a refusal into a fatal error that fails
+//! every partition's messages in flight). A row the reader could not decode is refused
+//! without being sent. A row handled alone is handled only once it is the batch's first
+//! pending row: rounds stop before it, so nothing before it (of its entity or any other) is
+//! still unacknowledged when a probe publishes it.
 //!
 //! **Order under each policy.** `block`: nothing of the refused message's entity after it is
 //! sent, and the partition sends nothing more until the message is published or moved aside
@@ -125,7 +127,7 @@ fn next_round<'b>(
     round
 }
 
-/// What sending one row alone (or not at all) decided.
+/// What handling one row alone decided.
 enum Verdict {
     Acked,
     Refused(Fault),
@@ -149,15 +151,24 @@ impl Worker<'_> {
         let ctx = self.ctx;
         let mut backoff = Backoff::new(ctx.config.retry_initial(), ctx.config.retry_max());
         let mut attempts = 0u32;
-        let alone = |row: &OutboxRow| row.undecodable.is_some() || Some(row.id) == blocked;
+        // Rows refused for good in a round. Each is decided only once it is the first pending
+        // row of the batch, so that nothing of its entity (nor anything else) before it is
+        // still unacknowledged when a probe publishes it.
+        let mut refusals: HashMap<i64, (KafkaError, Refusal)> = HashMap::new();
         while let Some(&first) = pending.first() {
             let mut retry: Option<(i64, KafkaError)> = None;
-            let round = next_round(&pending, alone);
+            let round = next_round(&pending, |row| {
+                row.undecodable.is_some()
+                    || Some(row.id) == blocked
+                    || refusals.contains_key(&row.id)
+            });
             if round.is_empty() {
                 // The first pending row must be handled alone.
-                let verdict = match &first.undecodable {
-                    Some(e) => Verdict::Refused(Fault::Undecodable(e.clone())),
-                    None => self.probe(first).await,
+                let verdict = match (&first.undecodable, refusals.remove(&first.id)) {
+                    (Some(e), _) => Verdict::Refused(Fault::Undecodable(e.clone())),
+                    (None, Some((e, Refusal::Permanent))) => Verdict::Refused(Fault::Kafka(e)),
+                    // Refused with its record batch, or blocked the partition last time.
+                    _ => self.probe(first).await,
                 };
                 match verdict {
                     Verdict::Acked => {
@@ -175,7 +186,6 @@ impl Worker<'_> {
                 }
             } else {
                 let results = self.send_round(&round).await;
-                let mut suspects: Vec<(&OutboxRow, KafkaError, Refusal)> = Vec::new();
                 for (row, sent) in round.iter().zip(results) {
                     match sent {
                         Sent::Acked => {
@@ -187,7 +197,9 @@ impl Worker<'_> {
                             Refusal::Retriable => {
                                 retry.get_or_insert((row.id, e));
                             }
-                            kind => suspects.push((row, e, kind)),
+                            kind => {
+                                refusals.insert(row.id, (e, kind));
+                            }
                         },
                     }
                 }
@@ -197,32 +209,6 @@ impl Worker<'_> {
                     let (count, last) = ctx.publisher.fatal_errors();
                     ctx.health
                         .set_producer_fatal(count, last.map(|(_, e)| e).unwrap_or_default());
-                }
-                // In id order, so that an entity's suspects are decided in its order.
-                for (row, error, kind) in suspects {
-                    if !pending.iter().any(|r| r.id == row.id) {
-                        continue; // held back with its parked entity meanwhile
-                    }
-                    let verdict = match kind {
-                        Refusal::PermanentForItsBatch => self.probe(row).await,
-                        _ => Verdict::Refused(Fault::Kafka(error)),
-                    };
-                    match verdict {
-                        Verdict::Acked => {
-                            acked.push(row);
-                            pending.retain(|r| r.id != row.id);
-                        }
-                        Verdict::Refused(fault) => {
-                            if let Some(outcome) =
-                                self.refused(client, row, &fault, &mut pending).await?
-                            {
-                                return Ok((acked, outcome));
-                            }
-                        }
-                        Verdict::Retry(e) => {
-                            retry.get_or_insert((row.id, e));
-                        }
-                    }
                 }
             }
             let Some((message_id, error)) = retry else {
