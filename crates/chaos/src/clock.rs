@@ -1,6 +1,7 @@
 //! The run's clock and its log lines: every line the harness prints while it runs carries
 //! the seconds since the run started, so faults, writer trouble and relay exits can be put
-//! side by side with the relays' own logs.
+//! side by side with the relays' own logs. Instants that the checker compares with
+//! PostgreSQL's and the broker's timestamps are taken on the wall clock ([`unix_us`]).
 
 use std::time::{Duration, Instant};
 
@@ -32,4 +33,13 @@ impl Clock {
     pub fn say(&self, message: impl std::fmt::Display) {
         eprintln!("[chaos +{:.1}s] {message}", self.elapsed().as_secs_f64());
     }
+}
+
+/// Now on the wall clock, in microseconds since the epoch: the clock PostgreSQL's `now()`
+/// and the broker's append times use (all on this machine).
+pub fn unix_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
 }

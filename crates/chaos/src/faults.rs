@@ -14,7 +14,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
 
-use crate::clock::Clock;
+use crate::checker::Crash;
+use crate::clock::{Clock, unix_us};
 use crate::commit_mode::CommitMode;
 use crate::error::{Error, Result};
 use crate::relays::Relays;
@@ -205,6 +206,8 @@ pub struct FaultLog {
     pub failures: Vec<String>,
     /// Service starts that failed before a later attempt succeeded.
     pub notes: Vec<String>,
+    /// The PostgreSQL crashes, for the checker (a crash can erase the relay's moves).
+    pub crashes: Vec<Crash>,
 }
 
 /// Everything a fault may touch, with one lock per resource.
@@ -221,6 +224,7 @@ pub struct Target {
     pg: Mutex<()>,
     kafka: Mutex<()>,
     relay_locks: Vec<Mutex<()>>,
+    crashes: std::sync::Mutex<Vec<Crash>>,
 }
 
 impl Target {
@@ -240,6 +244,7 @@ impl Target {
             pg: Mutex::new(()),
             kafka: Mutex::new(()),
             relay_locks,
+            crashes: std::sync::Mutex::new(Vec::new()),
         })
     }
 }
@@ -280,6 +285,10 @@ pub async fn execute(faults: &[Fault], target: Arc<Target>) -> FaultLog {
             Err(e) => log.failures.push(format!("a fault task panicked: {e}")),
         }
     }
+    log.crashes = match target.crashes.lock() {
+        Ok(c) => c.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
     log
 }
 
@@ -305,11 +314,20 @@ async fn perform(action: Action, t: &Target, notes: &mut Vec<String>) -> Result<
         }
         Action::PgCrash { lead, down } => {
             let _guard = t.pg.lock().await;
+            // Until now the writers commit synchronously many times a second, and each such
+            // commit flushes all earlier WAL; a second of margin for the last ones.
+            let unflushed_from_us = unix_us() - 1_000_000;
             t.commit_mode.set_asynchronous(true);
             tokio::time::sleep(lead).await;
             let crashed = t.services.run("pg-crash").await;
             t.commit_mode.set_asynchronous(false);
             crashed?;
+            if let Ok(mut c) = t.crashes.lock() {
+                c.push(Crash {
+                    unflushed_from_us,
+                    crashed_us: unix_us(),
+                });
+            }
             tokio::time::sleep(down).await;
             start_again(t, "pg-start", notes).await?;
             t.clock.say("PostgreSQL is back after the crash");

@@ -14,6 +14,8 @@ mod drain;
 mod error;
 mod faults;
 mod model;
+mod operator;
+mod poison;
 mod python;
 mod relays;
 mod report;
@@ -86,6 +88,14 @@ struct Cli {
     /// Run nothing: judge the last run again from its database and topics.
     #[arg(long)]
     recheck: bool,
+    /// The poison topic's failure policy: block, dead_letter or park_entity
+    /// [default: drawn from the seed].
+    #[arg(long)]
+    poison_policy: Option<poison::Policy>,
+    /// The poison topic's max.message.bytes. Only for showing that the checker notices
+    /// poison messages the broker accepts: a limit above 50,000 fails the run.
+    #[arg(long, default_value_t = poison::TOPIC_MAX_BYTES)]
+    poison_max_bytes: usize,
 }
 
 fn main() -> ExitCode {
@@ -119,6 +129,8 @@ fn main() -> ExitCode {
         rust_writers: cli.rust_writers,
         pause_ms: cli.pause_ms,
         drain_timeout: Duration::from_secs(cli.drain_timeout_s),
+        poison_policy: cli.poison_policy,
+        poison_max_bytes: cli.poison_max_bytes,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

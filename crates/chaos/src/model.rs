@@ -4,7 +4,10 @@
 //! `chaos.entity_seq` for each entity it writes (the row lock serializes the writers of an
 //! entity, so `seq` is commit order, and a rollback takes its increments with it) and
 //! records the range it took, with its own transaction id, in `chaos.ledger`.
-//! `crates/chaos/python/writer.py` follows the same protocol.
+//! `crates/chaos/python/writer.py` follows the same protocol. A poison message (poison.rs)
+//! takes its seq the same way and is also recorded in `chaos.poison`, in the same
+//! transaction, so the checker knows which committed messages are poison without trusting
+//! a writer or the relay.
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +29,13 @@ pub struct Payload {
     /// erase it after the relay published it (see checker.rs).
     #[serde(default, rename = "async")]
     pub async_commit: bool,
+    /// Set on poison messages (written to the poison topic, which Kafka refuses): such a
+    /// record must never arrive. Absent on every other message.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub poison: bool,
+    /// A poison message's padding (poison.rs): what makes Kafka refuse it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pad: String,
 }
 
 /// The name of entity `i`: a small key space keeps entities hot.
@@ -51,6 +61,14 @@ pub fn setup_sql(entities: usize) -> String {
              xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
              PRIMARY KEY (entity, seq_hi)
          );
+         -- The poison messages, written in the transaction that writes them: a row exists
+         -- exactly when the message was committed.
+         CREATE TABLE chaos.poison (
+             entity text NOT NULL,
+             seq bigint NOT NULL,
+             tx text NOT NULL,
+             PRIMARY KEY (entity, seq)
+         );
          INSERT INTO chaos.entity_seq (entity)
          SELECT 'e' || lpad(i::text, 3, '0') FROM generate_series(0, {last}) AS i;",
         last = entities.saturating_sub(1)
@@ -71,6 +89,19 @@ pub const READ_LEDGER: &str = "SELECT entity, seq_lo, seq_hi, tx,
        (extract(epoch FROM pg_xact_commit_timestamp(xid(xid))) * 1000000)::bigint
   FROM chaos.ledger ORDER BY entity, seq_lo";
 
+/// Records that message `$2` of entity `$1`, written by transaction `$3`, is poison.
+pub const RECORD_POISON: &str = "INSERT INTO chaos.poison (entity, seq, tx) VALUES ($1, $2, $3)";
+
+/// The committed poison messages.
+pub const READ_POISON: &str = "SELECT entity, seq, tx FROM chaos.poison";
+
+/// What the relay (or the operator's `outboxd skip`) moved aside: payload, policy and when,
+/// in microseconds since the epoch on PostgreSQL's clock (`failed_at` is `now()` of the
+/// moving statement's transaction).
+pub const READ_DEAD_LETTER: &str = "SELECT id, topic, payload, policy,
+       (extract(epoch FROM failed_at) * 1000000)::bigint
+  FROM outbox.dead_letter ORDER BY id";
+
 /// Each entity's committed count.
 pub const READ_ENTITY_SEQ: &str = "SELECT entity, seq FROM chaos.entity_seq ORDER BY entity";
 
@@ -87,12 +118,26 @@ mod tests {
             writer: "rust-1".into(),
             rb: false,
             async_commit: true,
+            poison: false,
+            pad: String::new(),
         };
         let json = serde_json::to_string(&p).expect("serialize");
+        // Normal messages look as they always did (and as the Python writer's do).
         assert_eq!(
             json,
             r#"{"entity":"e007","seq":3,"tx":"rust-1-9","writer":"rust-1","rb":false,"async":true}"#
         );
         assert_eq!(serde_json::from_str::<Payload>(&json).expect("parse"), p);
+        let poison = Payload {
+            poison: true,
+            pad: "QUJD".into(),
+            ..p
+        };
+        let json = serde_json::to_string(&poison).expect("serialize");
+        assert!(json.ends_with(r#""poison":true,"pad":"QUJD"}"#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<Payload>(&json).expect("parse"),
+            poison
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The relay processes under test: several `outboxd run` instances against the chaos
 //! services, configured so that the sticky-mapping cleanup races the writers
-//! (`--mapping-cleanup-interval-ms 200 --mapping-ttl-s 0`) and retries stay short. Each has
+//! (`--mapping-cleanup-interval-ms 200 --mapping-ttl-s 0`) and retries stay short, with a
+//! configuration file that sets the poison topic's failure policy (poison.rs). Each has
 //! its own log file (`relay-N.log`, one marker line per start). Faults kill them with
 //! SIGKILL and start them again; a relay that exits when no fault asked it to is recorded
 //! and restarted by [`Relays::supervise`]. Their pids are kept in `relays.pid`, so relays
@@ -27,6 +28,8 @@ pub struct RelayConfig {
     pub brokers: String,
     /// Where the logs and the pid file go.
     pub work_dir: PathBuf,
+    /// The configuration file (`--config`), written by the run before the first start.
+    pub config_file: PathBuf,
 }
 
 /// One relay's state.
@@ -139,6 +142,8 @@ impl Relays {
         );
         let child = Command::new(&self.config.binary)
             .arg("run")
+            .arg("--config")
+            .arg(&self.config.config_file)
             .args(["--database-url", &self.config.database_url])
             .args(["--brokers", &self.config.brokers])
             .args([
@@ -257,6 +262,20 @@ impl Relays {
             }
         }
         self.write_pid_file(&slots);
+    }
+
+    /// How many lines of all relay logs contain `needle` (shown, not judged: what the relays
+    /// say they did, e.g. how often they met a poison message).
+    pub fn log_lines_with(&self, needle: &str) -> usize {
+        (0..self.count())
+            .map(|i| {
+                std::fs::read_to_string(self.log_path(i))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .count()
+            })
+            .sum()
     }
 
     /// The last `lines` lines of each relay's log, for a report of what is stuck.

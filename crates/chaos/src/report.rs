@@ -6,13 +6,16 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::checker::Findings;
+use crate::operator::OperatorStats;
+use crate::poison::Policy;
 use crate::writers::WriterStats;
 
 /// How the run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
-    /// Nothing lost, leaked, invented or reordered, and the run completed.
+    /// Nothing lost, leaked, invented, reordered, misblamed, published that Kafka must
+    /// refuse or published ahead of a poison message, and the run completed.
     Pass,
     /// The checker found violations, or the relays did not publish everything by
     /// themselves after the writers stopped.
@@ -28,6 +31,11 @@ pub struct Summary {
     pub seed: u64,
     /// The verdict.
     pub verdict: Verdict,
+    /// The poison topic's failure policy (unknown when rechecking an older run).
+    pub poison_policy: Option<Policy>,
+    /// Flags beyond the seed that changed what the run tests (`--poison-policy`, ...):
+    /// part of the command that reproduces it.
+    pub overrides: Vec<String>,
     /// Length of the writing phase (faults plus the quiet tail), in s.
     pub write_seconds: f64,
     /// Wall time of the whole run, in s.
@@ -42,12 +50,17 @@ pub struct Summary {
     pub stuck: Vec<String>,
     /// Relay exits no fault asked for (shown, not judged: the harness restarts the relay).
     pub relay_exits: Vec<String>,
+    /// Lines of the relay logs that say a partition blocked or a message was moved to
+    /// dead_letter (shown, not judged).
+    pub relay_log_counts: BTreeMap<&'static str, usize>,
     /// Service starts that failed before a later attempt succeeded (shown, not judged).
     pub notes: Vec<String>,
     /// What the Rust writers did (their own view; not used for the verdict).
     pub rust_writers: WriterStats,
     /// What the Python writer did (its own view; not used for the verdict).
     pub python_writer: serde_json::Value,
+    /// What the operator did (`None` when rechecking).
+    pub operator: Option<OperatorStats>,
     /// Why the run is incomplete or suspect, besides the findings.
     pub problems: Vec<String>,
 }
@@ -82,8 +95,9 @@ impl Summary {
             out.push('\n');
         };
         line("==================== chaos summary ====================".into());
+        let overrides: String = self.overrides.iter().map(|o| format!(" {o}")).collect();
         line(format!(
-            "seed            {} (reproduce: scripts/chaos --seconds {:.0} --seed {})",
+            "seed            {} (reproduce: scripts/chaos --seconds {:.0} --seed {}{overrides})",
             self.seed, self.write_seconds, self.seed
         ));
         line(format!(
@@ -98,6 +112,10 @@ impl Summary {
             "duration        {:.0}s writing, {:.0}s in all",
             self.write_seconds, self.wall_seconds
         ));
+        line(format!(
+            "poison policy   {}",
+            self.poison_policy.map_or("unknown", Policy::as_str)
+        ));
         let faults: Vec<String> = self
             .faults
             .iter()
@@ -108,13 +126,20 @@ impl Summary {
             "committed       {} messages (database); {} records read from Kafka",
             f.committed_messages, f.records
         ));
+        let mut whereabouts = Vec::new();
+        if f.lost_still_in_outbox > 0 {
+            whereabouts.push(format!("{} still in the outbox", f.lost_still_in_outbox));
+        }
+        if f.lost_in_dead_letter > 0 {
+            whereabouts.push(format!("{} in dead_letter", f.lost_in_dead_letter));
+        }
         line(format!(
             "lost            {}{}",
             f.lost,
-            if f.lost_still_in_database > 0 {
-                format!(" ({} still in the outbox)", f.lost_still_in_database)
-            } else {
+            if whereabouts.is_empty() {
                 String::new()
+            } else {
+                format!(" ({})", whereabouts.join(", "))
             }
         ));
         if !f.lost_by_writer.is_empty() {
@@ -145,6 +170,49 @@ impl Summary {
         if f.malformed > 0 {
             line(format!("malformed       {}", f.malformed));
         }
+        let w = &self.rust_writers;
+        let policies: Vec<String> = f
+            .dead_letter_policies
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        line(format!(
+            "poison          {} written ({} in transactions seen to commit), {} committed (database), {} of them in dead_letter; dead_letter rows by policy: {}{}",
+            w.poison_written,
+            w.poison_committed,
+            f.poison_committed,
+            f.poison_dead_lettered,
+            if policies.is_empty() {
+                "none".to_owned()
+            } else {
+                policies.join(", ")
+            },
+            if f.dead_letter_uncommitted > 0 {
+                format!(
+                    "; {} rows of no committed message (not judged)",
+                    f.dead_letter_uncommitted
+                )
+            } else {
+                String::new()
+            }
+        ));
+        line(format!("misblamed       {}", f.misblamed));
+        line(format!("poison published {}", f.poison_published));
+        line(format!(
+            "overtook poison {}{}{}",
+            f.overtook_poison,
+            f.poison_to_next_min_ms.map_or(String::new(), |ms| format!(
+                " (the closest later record of an entity came {ms:.1} ms after its poison message was moved aside)"
+            )),
+            if f.overtook_poison_across_crash > 0 {
+                format!(
+                    " ({} more across a crash that erased the relay's move: not violations)",
+                    f.overtook_poison_across_crash
+                )
+            } else {
+                String::new()
+            }
+        ));
         line(format!("duplicates      {}", f.duplicates));
         match &f.latency_ms {
             Some(l) => line(format!(
@@ -160,7 +228,6 @@ impl Summary {
         for s in &self.stuck {
             line(format!("  stuck: {s}"));
         }
-        let w = &self.rust_writers;
         line(format!(
             "rust writers    {} tx committed ({} messages, {} asynchronously), {} rolled back, {} savepoints rolled back, {} held open, {} failed, {} unknown commits, {} short batches refused",
             w.committed_tx,
@@ -174,6 +241,27 @@ impl Summary {
             w.short_batch_errors
         ));
         line(format!("python writer   {}", self.python_writer));
+        if !self.relay_log_counts.is_empty() {
+            let counts: Vec<String> = self
+                .relay_log_counts
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            line(format!("relay logs      {}", counts.join(", ")));
+        }
+        if let Some(op) = &self.operator {
+            line(format!(
+                "operator        {} skips, {} unparks, {} found nothing to do, {} failed commands, {} failed looks{}",
+                op.skips,
+                op.unparks,
+                op.gone,
+                op.command_failures,
+                op.query_failures,
+                op.last_failure
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" (last: {e})"))
+            ));
+        }
         for e in &self.relay_exits {
             line(format!("relay exit      {e}"));
         }

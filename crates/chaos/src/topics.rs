@@ -1,6 +1,8 @@
-//! The run's Kafka topics: two fresh ones per run (so entities write across topics), with
-//! `message.timestamp.type=LogAppendTime` so every record carries the broker's arrival
-//! time. Topics of earlier runs are deleted first. The relay never creates topics.
+//! The run's Kafka topics: two fresh normal ones per run (so entities write across topics)
+//! and the poison topic (one partition, `max.message.bytes` far below a poison message, see
+//! poison.rs), all with `message.timestamp.type=LogAppendTime` so every record carries the
+//! broker's arrival time. Topics of earlier runs are deleted first. The relay never creates
+//! topics.
 
 use std::time::{Duration, Instant};
 
@@ -17,8 +19,27 @@ const PREFIX: &str = "chaos-";
 /// Kafka partitions per topic: entities of one topic spread over several of them.
 const PARTITIONS: i32 = 3;
 
-/// Deletes earlier runs' topics and creates `chaos-{run_id}-a` and `-b`; returns their names.
-pub async fn recreate(brokers: &str, run_id: &str) -> Result<Vec<String>> {
+/// The run's topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunTopics {
+    /// `chaos-{run_id}-a` and `-b`: every entity writes to both.
+    pub normal: Vec<String>,
+    /// `chaos-{run_id}-poison`: only poison messages, which Kafka refuses.
+    pub poison: String,
+}
+
+impl RunTopics {
+    /// Every topic, the normal ones first: the order the checker's topic indexes use.
+    pub fn all(&self) -> Vec<String> {
+        let mut all = self.normal.clone();
+        all.push(self.poison.clone());
+        all
+    }
+}
+
+/// Deletes earlier runs' topics and creates `chaos-{run_id}-a`, `-b` and `-poison` (whose
+/// `max.message.bytes` is `poison_max_bytes`).
+pub async fn recreate(brokers: &str, run_id: &str, poison_max_bytes: usize) -> Result<RunTopics> {
     let hint = "the chaos Kafka broker is not reachable: scripts/chaos starts it";
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -37,14 +58,27 @@ pub async fn recreate(brokers: &str, run_id: &str) -> Result<Vec<String>> {
             .await
             .context("deleting earlier chaos topics")?;
     }
-    let names = vec![format!("{PREFIX}{run_id}-a"), format!("{PREFIX}{run_id}-b")];
-    let new: Vec<NewTopic<'_>> = names
+    let topics = RunTopics {
+        normal: vec![format!("{PREFIX}{run_id}-a"), format!("{PREFIX}{run_id}-b")],
+        poison: format!("{PREFIX}{run_id}-poison"),
+    };
+    let names = topics.all();
+    let limit = poison_max_bytes.to_string();
+    let mut new: Vec<NewTopic<'_>> = topics
+        .normal
         .iter()
         .map(|n| {
             NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1))
                 .set("message.timestamp.type", "LogAppendTime")
         })
         .collect();
+    // One partition: every poison message of the run goes to one Kafka partition, so the
+    // broker refuses record batches that may hold several of them.
+    new.push(
+        NewTopic::new(&topics.poison, 1, TopicReplication::Fixed(1))
+            .set("message.timestamp.type", "LogAppendTime")
+            .set("max.message.bytes", &limit),
+    );
     for result in admin
         .create_topics(new.iter(), &options)
         .await
@@ -57,7 +91,7 @@ pub async fn recreate(brokers: &str, run_id: &str) -> Result<Vec<String>> {
     loop {
         let have = existing(brokers)?;
         if names.iter().all(|n| have.contains(n)) {
-            return Ok(names);
+            return Ok(topics);
         }
         if Instant::now() > deadline {
             return Err(Error::msg(format!(

@@ -2,7 +2,9 @@
 //! (`outbox::save_in_tx`, `outbox::save_all_in_tx`) inside transactions of every shape an
 //! application has: single messages, batches over several entities, full rollbacks,
 //! savepoints rolled back, and transactions held open for seconds across many other
-//! commits. They keep writing through every fault: a broken connection is replaced, and a
+//! commits. Rarely (poison.rs), one of a transaction's messages is a poison message for the
+//! poison topic, which Kafka refuses; a share of the other messages go to that topic too, as
+//! bystanders the relay must not blame. They keep writing through every fault: a broken connection is replaced, and a
 //! commit whose outcome is unknown is left for the database to decide (the checker reads
 //! the committed set from `chaos.entity_seq` and `chaos.ledger`, never from here).
 
@@ -16,6 +18,7 @@ use tokio_postgres::{Client, Transaction};
 
 use crate::commit_mode::CommitMode;
 use crate::model::{self, Payload};
+use crate::poison;
 use crate::services::Services;
 
 /// What every writer needs to know.
@@ -25,6 +28,9 @@ pub struct WriterConfig {
     pub entities: usize,
     /// The topics; each message picks one, so one entity writes to all of them.
     pub topics: Vec<String>,
+    /// The poison topic: the Rust writers' poison messages, and a share of their other
+    /// messages (bystanders, see poison.rs).
+    pub poison_topic: String,
     /// Longest pause between two transactions of one writer, in ms.
     pub pause_ms: u64,
     /// Whether to commit asynchronously right now.
@@ -54,6 +60,10 @@ pub struct WriterStats {
     pub short_batch_errors: u64,
     /// Connections (re)opened.
     pub connects: u64,
+    /// Poison messages written, in any transaction.
+    pub poison_written: u64,
+    /// Of those, in transactions whose commit returned success.
+    pub poison_committed: u64,
 }
 
 impl WriterStats {
@@ -69,6 +79,8 @@ impl WriterStats {
         self.unknown_commits += other.unknown_commits;
         self.short_batch_errors += other.short_batch_errors;
         self.connects += other.connects;
+        self.poison_written += other.poison_written;
+        self.poison_committed += other.poison_committed;
     }
 }
 
@@ -103,6 +115,9 @@ struct Plan {
     linger: Option<Duration>,
     /// Commit with `synchronous_commit = off` (set from [`CommitMode`], not drawn).
     asynchronous: bool,
+    /// A poison message: (index into `entities`, index among that entity's messages). Only
+    /// in the first part of the transaction (never in a savepoint part).
+    poison: Option<(usize, i64)>,
 }
 
 impl Plan {
@@ -126,19 +141,24 @@ impl Plan {
             .into_iter()
             .collect();
         picked.sort_unstable();
-        let entities = picked
+        let entities: Vec<(String, i64)> = picked
             .into_iter()
             .map(|i| (model::entity_name(i), rng.random_range(1..=3)))
             .collect();
         let linger = rng
             .random_bool(0.2)
             .then(|| Duration::from_millis(rng.random_range(1..30)));
+        let poison: Option<(usize, i64)> = rng.random_bool(poison::RATE).then(|| {
+            let i = rng.random_range(0..entities.len());
+            (i, rng.random_range(0..entities[i].1))
+        });
         Plan {
             ending,
             call,
             entities,
             linger,
             asynchronous: false,
+            poison,
         }
     }
 }
@@ -191,17 +211,7 @@ pub fn spawn(
             let token = format!("{name}-{counter}");
             let mut plan = Plan::draw(&mut rng, config.entities);
             plan.asynchronous = config.commit_mode.asynchronous();
-            match write(
-                c,
-                &plan,
-                &token,
-                &name,
-                &config.topics,
-                &mut rng,
-                &mut stats,
-            )
-            .await
-            {
+            match write(c, &plan, &token, &name, &config, &mut rng, &mut stats).await {
                 Ok(messages) => match plan.ending {
                     Ending::Rollback => stats.rolled_back_tx += 1,
                     _ => {
@@ -209,6 +219,9 @@ pub fn spawn(
                         stats.committed_messages += messages;
                         if plan.asynchronous {
                             stats.async_commits += 1;
+                        }
+                        if plan.poison.is_some() {
+                            stats.poison_committed += 1;
                         }
                     }
                 },
@@ -235,7 +248,7 @@ async fn write(
     plan: &Plan,
     token: &str,
     writer: &str,
-    topics: &[String],
+    config: &WriterConfig,
     rng: &mut StdRng,
     stats: &mut WriterStats,
 ) -> Result<u64, Failure> {
@@ -247,29 +260,37 @@ async fn write(
             .map_err(|e| before(&e))?;
     }
     let rb = plan.ending == Ending::Rollback;
-    let mut committed =
-        write_part(&tx, plan, &plan.entities, token, writer, rb, topics, rng).await?;
+    let part = Part {
+        entities: &plan.entities,
+        token,
+        rb,
+        poison: plan.poison,
+    };
+    let mut committed = write_part(&tx, plan, &part, writer, config, rng).await?;
+    if plan.poison.is_some() {
+        stats.poison_written += 1;
+    }
     if plan.ending == Ending::Savepoint {
         // Messages written after the savepoint disappear with it, and so do their seq
         // increments: the next part takes the same numbers again.
         let sp = tx.savepoint("chaos_sp").await.map_err(|e| before(&e))?;
-        let sp_token = format!("{token}s");
-        write_part(
-            &sp,
-            plan,
-            &plan.entities,
-            &sp_token,
-            writer,
-            true,
-            topics,
-            rng,
-        )
-        .await?;
+        let sp_part = Part {
+            entities: &plan.entities,
+            token: &format!("{token}s"),
+            rb: true,
+            poison: None,
+        };
+        write_part(&sp, plan, &sp_part, writer, config, rng).await?;
         sp.rollback().await.map_err(|e| before(&e))?;
         stats.savepoint_rollbacks += 1;
         if rng.random_bool(0.5) {
-            let first = &plan.entities[..1];
-            committed += write_part(&tx, plan, first, token, writer, false, topics, rng).await?;
+            let more = Part {
+                entities: &plan.entities[..1],
+                token,
+                rb: false,
+                poison: None,
+            };
+            committed += write_part(&tx, plan, &more, writer, config, rng).await?;
         }
     }
     if let Ending::Hold(d) = plan.ending {
@@ -287,37 +308,65 @@ async fn write(
     Ok(committed)
 }
 
-/// Takes the seq numbers of `entities` (in key order) and writes their messages; returns
-/// how many it wrote.
-#[allow(clippy::too_many_arguments)]
+/// One part of a transaction: what [`write_part`] writes.
+struct Part<'p> {
+    /// Entities in key order, with how many messages each.
+    entities: &'p [(String, i64)],
+    /// The transaction token the payloads and the ledger carry.
+    token: &'p str,
+    /// The part will be rolled back.
+    rb: bool,
+    /// Which message is poison, as in [`Plan::poison`].
+    poison: Option<(usize, i64)>,
+}
+
+/// Takes the seq numbers of the part's entities (in key order) and writes their messages;
+/// returns how many it wrote.
 async fn write_part(
     tx: &Transaction<'_>,
     plan: &Plan,
-    entities: &[(String, i64)],
-    token: &str,
+    part: &Part<'_>,
     writer: &str,
-    rb: bool,
-    topics: &[String],
+    config: &WriterConfig,
     rng: &mut StdRng,
 ) -> Result<u64, Failure> {
     let before = |e: &dyn std::fmt::Display| Failure::Before(e.to_string());
     let mut messages = Vec::new();
-    for (entity, k) in entities {
+    for (index, (entity, k)) in part.entities.iter().enumerate() {
         let row = tx
-            .query_one(model::TAKE_SEQ, &[entity, k, &token])
+            .query_one(model::TAKE_SEQ, &[entity, k, &part.token])
             .await
             .map_err(|e| before(&e))?;
         let hi: i64 = row.get(0);
         for seq in hi - k + 1..=hi {
+            let poison = part.poison == Some((index, seq - (hi - k + 1)));
             let payload = Payload {
                 entity: entity.clone(),
                 seq,
-                tx: token.to_owned(),
+                tx: part.token.to_owned(),
                 writer: writer.to_owned(),
-                rb,
+                rb: part.rb,
                 async_commit: plan.asynchronous,
+                poison,
+                pad: if poison {
+                    poison::pad(rng)
+                } else {
+                    String::new()
+                },
             };
-            let topic = &topics[rng.random_range(0..topics.len())];
+            let topic = if poison {
+                // In the same transaction: the row exists exactly when the message does.
+                tx.execute(model::RECORD_POISON, &[entity, &seq, &part.token])
+                    .await
+                    .map_err(|e| before(&e))?;
+                &config.poison_topic
+            } else if rng.random_bool(poison::BYSTANDER_RATE) {
+                // A bystander: the broker refuses its record batch along with a poison
+                // message's, and the relay must publish it all the same.
+                &config.poison_topic
+            } else {
+                &config.topics[rng.random_range(0..config.topics.len())]
+            };
             let msg = outbox::Message::builder(topic.as_str(), entity.as_str())
                 .json(&payload)
                 .event_type("chaos")
@@ -349,8 +398,14 @@ mod tests {
     fn plans_lock_entities_in_key_order_and_cover_every_ending() {
         let mut rng = StdRng::seed_from_u64(7);
         let mut endings = std::collections::HashSet::new();
-        for _ in 0..2_000 {
+        let mut poisoned = 0;
+        for _ in 0..4_000 {
             let plan = Plan::draw(&mut rng, 50);
+            if let Some((i, j)) = plan.poison {
+                poisoned += 1;
+                let (_, k) = plan.entities[i];
+                assert!((0..k).contains(&j), "{plan:?}");
+            }
             let keys: Vec<&String> = plan.entities.iter().map(|(e, _)| e).collect();
             let mut sorted = keys.clone();
             sorted.sort();
@@ -359,5 +414,7 @@ mod tests {
             endings.insert(std::mem::discriminant(&plan.ending));
         }
         assert_eq!(endings.len(), 4);
+        // 1 %: 40 expected.
+        assert!((15..=80).contains(&poisoned), "{poisoned} poison messages");
     }
 }
