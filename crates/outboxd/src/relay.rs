@@ -103,9 +103,6 @@ async fn run_relay(
     let served = Arc::new(Served::new(MAX_PARTITIONS, partitions));
     let (spawn_tx, mut spawn_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
     let pulse = Arc::new(PollerPulse::default());
-    // The first poller gets the control connection and the starting point; a restarted one
-    // connects and starts over (see `Poller::start`).
-    let mut first_poller = Some((control, start));
     let ctx = Arc::new(WorkerContext {
         pg_config: pg_config.clone(),
         sql: sql.clone(),
@@ -122,7 +119,9 @@ async fn run_relay(
             mailboxes.clone(),
             Arc::clone(&pulse),
         );
-        let first_poller = std::sync::Mutex::new(first_poller.take());
+        // The first poller gets the control connection and the starting point; a restarted
+        // one connects and starts over (see `Poller::start`).
+        let first_poller = std::sync::Mutex::new(Some((control, start)));
         Box::new(move |task| -> TaskFuture {
             match task {
                 Task::Poller => {
