@@ -186,11 +186,12 @@ impl Worker<'_> {
                 }
             } else {
                 let results = self.send_round(&round).await;
+                let mut done: HashSet<i64> = HashSet::with_capacity(round.len());
                 for (row, sent) in round.iter().zip(results) {
                     match sent {
                         Sent::Acked => {
                             acked.push(*row);
-                            pending.retain(|r| r.id != row.id);
+                            done.insert(row.id);
                         }
                         Sent::NotSent => {}
                         Sent::Failed(e) => match classify(&e) {
@@ -203,6 +204,7 @@ impl Worker<'_> {
                         },
                     }
                 }
+                pending.retain(|r| !done.contains(&r.id));
                 // A refusal in a Kafka partition is fatal for the gap-less producer; the first
                 // worker to notice replaces it (counted in the publisher).
                 if ctx.publisher.recover_if_fatal()? {
