@@ -13,6 +13,9 @@ pub enum PartitionState {
     Relaying,
     /// Owned by another relay instance; this one checks again later.
     OwnedElsewhere,
+    /// At or above the partition count and drained: held by nobody until messages appear
+    /// in it again.
+    Idle,
     /// PostgreSQL is unreachable; reconnecting with backoff.
     Disconnected {
         /// The last connection error.
@@ -58,6 +61,7 @@ impl PartitionState {
             PartitionState::Starting => "starting".to_owned(),
             PartitionState::Relaying => "relaying".to_owned(),
             PartitionState::OwnedElsewhere => "owned by another instance".to_owned(),
+            PartitionState::Idle => "idle (above the partition count, drained)".to_owned(),
             PartitionState::Disconnected { error } => format!("disconnected: {error}"),
             PartitionState::Retrying { message_id, error } => {
                 format!("retrying message {message_id}: {error}")

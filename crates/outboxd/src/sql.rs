@@ -100,8 +100,9 @@ pub struct Statements {
     /// Registers this relay instance for as long as the session lives (a session advisory
     /// lock keyed by the backend pid), so instances can count each other. No parameters.
     pub register_instance: String,
-    /// How many relay instances are registered for this schema in this database, and how many
-    /// entities are parked (for `/health`). No parameters.
+    /// The view every instance shares partitions by (see `ownership`): how many relay
+    /// instances are registered for this schema in this database, and the partition count;
+    /// and how many entities are parked (for `/health`). No parameters.
     pub count_instances: String,
     /// Locks the next mappings that may be forgotten (see `mappings`): above the partition
     /// count, or idle for the TTL; ones a writer holds are skipped. Writers refresh
@@ -288,7 +289,8 @@ impl Statements {
                             AND database = (SELECT oid FROM pg_database
                                              WHERE datname = current_database())
                             AND classid = (hashtext('outboxd instances {s}')::int8 & 4294967295)::oid),
-                        (SELECT count(*) FROM {s}.parked_entity)"
+                        (SELECT count(*) FROM {s}.parked_entity),
+                        (SELECT partition_count FROM {s}.settings)"
             ),
             lock_forgettable_mappings: format!(
                 "SELECT e.entity_key

@@ -165,11 +165,6 @@ impl Served {
             .get(index)
             .is_some_and(|s| !s.swap(true, Ordering::Relaxed))
     }
-
-    /// How many partitions are served.
-    pub fn count(&self) -> usize {
-        self.0.iter().filter(|s| s.load(Ordering::Relaxed)).count()
-    }
 }
 
 /// Everything the poller needs.
@@ -284,12 +279,23 @@ impl Poller {
                     if counted_at.is_none_or(|t| t.elapsed() >= INSTANCE_COUNT_INTERVAL) {
                         counted_at = Some(Instant::now());
                         if let Ok(r) = c.query_one(&sql.count_instances, &[]).await
-                            && let (Ok(instances), Ok(parked)) =
-                                (r.try_get::<_, i64>(0), r.try_get::<_, i64>(1))
+                            && let (Ok(instances), Ok(parked), Ok(Some(count))) = (
+                                r.try_get::<_, i64>(0),
+                                r.try_get::<_, i64>(1),
+                                r.try_get::<_, Option<i32>>(2),
+                            )
                         {
-                            ownership
-                                .set_share(served.count(), usize::try_from(instances).unwrap_or(1));
+                            ownership.set_view(count, usize::try_from(instances).unwrap_or(1));
                             health.set_parked_entities(parked);
+                            // Every instance runs a worker for every partition below the
+                            // count, so that each can take whichever its share allows.
+                            for p in 0..count {
+                                if let Ok(index) = usize::try_from(p)
+                                    && served.claim(index)
+                                {
+                                    let _ = spawn.send(p);
+                                }
+                            }
                         }
                     }
                     let decoded = (|| {

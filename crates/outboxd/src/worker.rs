@@ -60,6 +60,9 @@ enum Exit {
     Reconnect(Error),
     /// This instance holds more than its share: let the partition go to another one.
     Release,
+    /// The partition is at or above the partition count and drained: let it go, so that it
+    /// holds no connection and no place in the share until messages appear in it again.
+    Drained,
 }
 
 /// One partition worker's own state; `delivery` adds the delivery of a batch.
@@ -70,30 +73,27 @@ pub(crate) struct Worker<'a> {
     stop: watch::Receiver<bool>,
 }
 
-/// Counts the partition as held by this instance for as long as it lives; dropping it (the
-/// worker let the partition go, lost its connection, or panicked) gives the count back, so a
+/// Records the partition as held by this instance for as long as it lives; dropping it (the
+/// worker let the partition go, lost its connection, or panicked) takes the record back, so a
 /// dead worker never leaves the instance believing it holds more than it does.
 struct Held<'a> {
     ownership: &'a Ownership,
-    /// Set when `Ownership::release_one` already gave the count back.
-    released: bool,
+    partition: i32,
 }
 
 impl<'a> Held<'a> {
-    fn new(ownership: &'a Ownership) -> Self {
-        ownership.took();
+    fn new(ownership: &'a Ownership, partition: i32) -> Self {
+        ownership.took(partition);
         Held {
             ownership,
-            released: false,
+            partition,
         }
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        if !self.released {
-            self.ownership.lost();
-        }
+        self.ownership.lost(self.partition);
     }
 }
 
@@ -118,7 +118,7 @@ pub async fn run_worker(
         if w.stopping() {
             return;
         }
-        if !ctx.ownership.may_take() {
+        if !ctx.ownership.may_take(partition) {
             // This instance holds its share; the partition is left to another instance.
             w.set_state(PartitionState::OwnedElsewhere);
             if w.sleep_or_stop(ctx.config.retry_max()).await {
@@ -150,7 +150,7 @@ pub async fn run_worker(
                 continue;
             }
         };
-        let mut held = Held::new(&ctx.ownership);
+        let held = Held::new(&ctx.ownership, partition);
         tracing::debug!(partition, "partition acquired");
         w.set_state(PartitionState::Relaying);
         reader.reset(session.incarnation.clone());
@@ -160,12 +160,22 @@ pub async fn run_worker(
         match exit {
             Exit::Stop => return,
             Exit::Release => {
-                held.released = true;
                 drop(held);
                 tracing::info!(partition, "above this instance's share: partition released");
                 w.set_state(PartitionState::OwnedElsewhere);
                 if w.sleep_or_stop(ctx.config.retry_max()).await {
                     return;
+                }
+            }
+            Exit::Drained => {
+                drop(held);
+                tracing::debug!(partition, "above the partition count and drained: released");
+                w.set_state(PartitionState::Idle);
+                // Back as soon as messages appear in it again (the poller hands a window).
+                tokio::select! {
+                    _ = mailbox.wait() => {}
+                    _ = tokio::time::sleep(ctx.config.retry_max()) => {}
+                    _ = w.stop.changed() => {}
                 }
             }
             Exit::Reconnect(e) => {
@@ -270,7 +280,7 @@ impl Worker<'_> {
             self.ctx.faults.before_batch(self.partition);
             // Between batches (the last one is retired or will be reread), so another
             // instance can take over cleanly.
-            if self.ctx.ownership.release_one() {
+            if self.ctx.ownership.release_one(self.partition) {
                 return Exit::Release;
             }
             let delivered = mailbox.take();
@@ -286,8 +296,12 @@ impl Worker<'_> {
                 );
             }
             if !reader.has_work() {
-                // Caught up: wait for the poller to hand over a window.
+                // Caught up.
                 self.metrics.oldest_age.set(0.0);
+                if !self.ctx.ownership.is_shared(self.partition) {
+                    return Exit::Drained;
+                }
+                // Wait for the poller to hand over a window.
                 tokio::select! {
                     _ = mailbox.wait() => {}
                     _ = tokio::time::sleep(self.ctx.config.poll_interval()) => {

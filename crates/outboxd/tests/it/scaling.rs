@@ -186,3 +186,100 @@ async fn two_instances_balance_the_partitions_and_one_takes_over_when_the_other_
     );
     setup.cleanup().await;
 }
+
+/// The partitions of `relay` in `state`.
+fn partitions_in(relay: &RunningRelay, count: i32, state: &PartitionState) -> Vec<i32> {
+    (0..count)
+        .filter(|&p| relay.state(p).as_ref() == Some(state))
+        .collect()
+}
+
+/// Every partition below `count` is relayed by exactly one of `relays`, and they hold
+/// `count / relays` each (give or take one).
+fn settled(relays: &[&RunningRelay], count: i32) -> bool {
+    let held: Vec<Vec<i32>> = relays
+        .iter()
+        .map(|r| partitions_in(r, count, &PartitionState::Relaying))
+        .collect();
+    let total: usize = held.iter().map(Vec::len).sum();
+    let all: std::collections::BTreeSet<i32> = held.iter().flatten().copied().collect();
+    let (min, max) = (
+        held.iter().map(Vec::len).min().unwrap_or(0),
+        held.iter().map(Vec::len).max().unwrap_or(0),
+    );
+    total == usize::try_from(count).unwrap_or(0) && all.len() == total && max - min <= 1
+}
+
+/// The stall the shared view removes: after the count is lowered, a long-running instance
+/// used to keep its drained partitions above the count, and they used up its share, so a
+/// joining instance and it could both sit "at their share" while a partition below the count
+/// that holds messages had no owner. Now a drained partition above the count is let go, and
+/// both instances share the partitions below it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_count_lets_drained_partitions_go_and_a_joining_instance_gets_its_share() {
+    let setup = Setup::new(16).await;
+    let topic = outbox_testkit::create_topic("lowered", 3).await;
+    let config = outboxd::Config {
+        retry_max_ms: 300,
+        ..setup.relay_config()
+    };
+    let first = RunningRelay::start(config.clone());
+    wait_until(Duration::from_secs(30), "all 16 relayed", || async {
+        partitions_in(&first, 16, &PartitionState::Relaying).len() == 16
+    })
+    .await;
+    setup.set_partition_count(2).await;
+    wait_until(
+        Duration::from_secs(15),
+        "partitions above the count let go",
+        || async {
+            partitions_in(&first, 16, &PartitionState::Idle) == (2..16).collect::<Vec<_>>()
+        },
+    )
+    .await;
+    let second = RunningRelay::start(config);
+    wait_until(Duration::from_secs(15), "one partition each", || async {
+        settled(&[&first, &second], 2)
+    })
+    .await;
+    let expected = write_messages(&setup.outbox, &topic, &round_robin("fresh", 20, 200)).await;
+    setup.wait_drained("every message relayed").await;
+    first.stop().await;
+    second.stop().await;
+    assert_relayed(&topic, 200, &expected);
+    setup.cleanup().await;
+}
+
+/// The other half of the stall: the count is raised while one instance runs, then a second
+/// joins. Both work from the same count, run a worker for every partition below it, and
+/// settle at half each with every partition owned once, before any message was written there
+/// (before, the first instance's share came from the 8 partitions it served and 12 of the 32
+/// had no owner).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_count_and_a_joining_instance_leave_no_partition_without_an_owner() {
+    let setup = Setup::new(8).await;
+    let topic = outbox_testkit::create_topic("raised", 4).await;
+    let config = outboxd::Config {
+        retry_max_ms: 300,
+        ..setup.relay_config()
+    };
+    let first = RunningRelay::start(config.clone());
+    wait_until(Duration::from_secs(30), "all 8 relayed", || async {
+        partitions_in(&first, 8, &PartitionState::Relaying).len() == 8
+    })
+    .await;
+    setup.set_partition_count(32).await;
+    let second = RunningRelay::start(config);
+    wait_until(
+        Duration::from_secs(20),
+        "16 each, every partition owned once",
+        || async { settled(&[&first, &second], 32) },
+    )
+    .await;
+    let expected = write_messages(&setup.outbox, &topic, &round_robin("spread", 200, 400)).await;
+    setup.wait_drained("every message relayed").await;
+    first.stop().await;
+    second.stop().await;
+    assert_relayed(&topic, 400, &expected);
+    setup.cleanup().await;
+}
