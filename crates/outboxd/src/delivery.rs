@@ -310,7 +310,9 @@ impl Worker<'_> {
                 self.move_aside(client, row, &error, ErrorPolicy::ParkEntity)
                     .await?;
                 self.metrics.parked.increment(1);
-                // The entity's later messages stay in the table, held back.
+                // The entity's later messages stay in the table, held back (below the
+                // reader's cursor: when the entity is unparked, the reader sees the parked
+                // epoch change and reads from the start again).
                 pending.retain(|r| r.entity_key != row.entity_key);
                 Ok(None)
             }

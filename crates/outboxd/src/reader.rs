@@ -110,7 +110,13 @@ pub struct PartitionReader {
     /// The database incarnation of the session this reader reads through; windows of other
     /// incarnations are refused.
     incarnation: Incarnation,
+    /// `settings.parked_epoch` as of the first read since the last reset (a read from the
+    /// partition's start); see `fetch`.
+    parked_epoch: Option<i64>,
 }
+
+/// The column of a batch read that carries `settings.parked_epoch` (after the row columns).
+const PARKED_EPOCH_COLUMN: usize = 10;
 
 /// Below this many ids between a window's start and the high-water mark, the window is
 /// walked in id order (at most this many index entries, dead or alive); above it, its late
@@ -148,6 +154,7 @@ impl PartitionReader {
             late: None,
             // Matches no real incarnation: nothing is accepted before the first `reset`.
             incarnation: Incarnation::new("none yet"),
+            parked_epoch: None,
         }
     }
 
@@ -162,6 +169,7 @@ impl PartitionReader {
     /// `incarnation`.
     pub fn reset(&mut self, incarnation: Incarnation) {
         self.incarnation = incarnation;
+        self.parked_epoch = None;
         self.previous = None;
         self.window = None;
         self.pending = None;
@@ -212,21 +220,26 @@ impl PartitionReader {
                 },
             };
             if let Some(late) = self.late.clone() {
-                let batch = self.read_late(client, statements, &window, &late).await?;
+                let Some(batch) = self.read_late(client, statements, &window, &late).await? else {
+                    continue; // an entity was unparked: reread from the start
+                };
                 if !batch.is_empty() {
                     return Ok(batch);
                 }
                 continue;
             }
             let (partition, limit) = (self.partition, self.batch_size);
-            let batch = self
+            let Some(batch) = self
                 .fetch(
                     client,
                     &statements.batch,
                     &[&partition, &window.cursor, &window.snapshot, &limit],
                     "reading a batch",
                 )
-                .await?;
+                .await?
+            else {
+                continue; // an entity was unparked: reread from the start
+            };
             match batch.last() {
                 Some(last) if batch.len() as i64 == self.batch_size => {
                     self.window = Some(Window {
@@ -254,9 +267,9 @@ impl PartitionReader {
         statements: &ReadStatements,
         window: &Window,
         late: &LateRows,
-    ) -> Result<Vec<OutboxRow>> {
+    ) -> Result<Option<Vec<OutboxRow>>> {
         let (partition, limit) = (self.partition, self.batch_size);
-        let batch = self
+        let Some(batch) = self
             .fetch(
                 client,
                 &statements.late,
@@ -270,7 +283,10 @@ impl PartitionReader {
                 ],
                 "reading late rows",
             )
-            .await?;
+            .await?
+        else {
+            return Ok(None);
+        };
         self.late = None;
         let cursor = match batch.last() {
             Some(last) if batch.len() as i64 == self.batch_size => last.id,
@@ -281,21 +297,42 @@ impl PartitionReader {
             cursor,
             incarnation: window.incarnation.clone(),
         });
-        Ok(batch)
+        Ok(Some(batch))
     }
 
-    /// Runs one batch read and raises the high-water mark to its last id.
+    /// Runs one batch read and raises the high-water mark to its last id. `None` when the
+    /// parked epoch changed since this reader last started from the partition's start (an
+    /// entity was unparked): the batch is dropped and the reader reset, because the rows the
+    /// parked entity left behind below the cursor must go out before its rows in this batch.
+    /// The epoch comes with the rows, in the same statement: an unpark deletes the parked row
+    /// and bumps the epoch in one transaction, so a batch that holds rows of an entity no
+    /// longer parked always shows the new epoch. (The poller also resets every worker when the
+    /// epoch changes, but it can be behind, or down.)
     async fn fetch(
         &mut self,
         client: &Client,
         statement: &Statement,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
         what: &'static str,
-    ) -> Result<Vec<OutboxRow>> {
-        let batch: Vec<OutboxRow> = client
+    ) -> Result<Option<Vec<OutboxRow>>> {
+        let rows = client
             .query(statement, params)
             .await
-            .map_err(Error::pg(what))?
+            .map_err(Error::pg(what))?;
+        if let Some(first) = rows.first() {
+            let epoch: Option<i64> = first
+                .try_get(PARKED_EPOCH_COLUMN)
+                .map_err(Error::pg(what))?;
+            match (self.parked_epoch, epoch) {
+                (Some(seen), Some(now)) if seen != now => {
+                    self.reset(self.incarnation.clone());
+                    return Ok(None);
+                }
+                (None, now) => self.parked_epoch = now,
+                _ => {}
+            }
+        }
+        let batch: Vec<OutboxRow> = rows
             .iter()
             .map(row_to_message)
             .collect::<std::result::Result<_, _>>()
@@ -303,7 +340,7 @@ impl PartitionReader {
         if let Some(last) = batch.last() {
             self.high_water = Some(self.high_water.map_or(last.id, |h| h.max(last.id)));
         }
-        Ok(batch)
+        Ok(Some(batch))
     }
 
     /// The next window to read: the whole partition after a (re)start, else a window handed

@@ -140,10 +140,14 @@ impl Statements {
     /// The statements for `schema`.
     pub fn new(schema: &Schema) -> Self {
         let s = schema.name();
-        // What a batch read returns; `reader::row_to_message` decodes it.
-        let columns = "m.id, m.topic, m.entity_key, m.kafka_key, m.kafka_partition, \
-                       m.payload, m.header_names, m.header_values, m.event_type, \
-                       extract(epoch FROM m.created_at)::float8";
+        // What a batch read returns; `reader::row_to_message` decodes it. The parked epoch
+        // comes last, read in the same statement as the rows (see `reader::fetch`).
+        let columns = format!(
+            "m.id, m.topic, m.entity_key, m.kafka_key, m.kafka_partition, \
+             m.payload, m.header_names, m.header_values, m.event_type, \
+             extract(epoch FROM m.created_at)::float8, \
+             (SELECT st.parked_epoch FROM {s}.settings st)"
+        );
         Statements {
             partitions_to_serve: format!(
                 "SELECT greatest(partition_count,

@@ -396,3 +396,92 @@ async fn a_row_the_relay_cannot_decode_blocks_its_partition_visibly() {
     relay.stop().await;
     setup.cleanup().await;
 }
+
+/// Under `park_entity`, the parked entity's later rows stay in the table below the worker's
+/// read cursor. When the entity is unparked while the worker reads on through a backlog, the
+/// worker used to reach the entity's newer row above its cursor and publish it before the rows
+/// left behind: A4 before A3, and a consumer de-duplicating by `outbox-id` dropped A3. (The
+/// wake-up poller's reset comes later, or not at all while it is down.) The chaos harness found
+/// it (seed 1009). Now a batch read carries the parked epoch, and a changed epoch makes the
+/// worker reread the partition from its start. Deterministic: the poller polls once a minute,
+/// and the worker is held mid-backlog by a row lock on one of the rows it retires, while the
+/// entity is unparked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entity_unparked_while_the_worker_reads_on_keeps_its_order() {
+    let setup = Setup::new(1).await;
+    let topic = outbox_testkit::create_topic("unpark", 1).await;
+    let missing = outbox_testkit::unique_name("missing").replace('_', "-");
+    let mut config = outboxd::Config {
+        on_error: ErrorPolicy::ParkEntity,
+        batch_size: 5,
+        wakeup_interval_ms: 60_000,
+        ..setup.relay_config()
+    };
+    config
+        .kafka
+        .insert("topic.metadata.propagation.max.ms".into(), "1000".into());
+    write_messages(&setup.outbox, &topic, &[("A".into(), b"a1".to_vec())]).await;
+    write_messages(&setup.outbox, &missing, &[("A".into(), b"a2".to_vec())]).await;
+    write_messages(&setup.outbox, &topic, &[("A".into(), b"a3".to_vec())]).await;
+    let backlog: Vec<(String, Vec<u8>)> = (0..100)
+        .map(|i| (format!("B{}", i % 5), format!("b{i}").into_bytes()))
+        .collect();
+    let b_ids = write_messages(&setup.outbox, &topic, &backlog).await;
+    write_messages(&setup.outbox, &topic, &[("A".into(), b"a4".to_vec())]).await;
+    // A row halfway through the backlog: the worker blocks when it retires it.
+    let mut locker = outbox_testkit::connect().await;
+    let lock = locker.transaction().await.expect("begin");
+    let held_id = b_ids["B2"][10];
+    lock.execute(
+        &format!(
+            "SELECT 1 FROM {}.message WHERE id = $1 FOR UPDATE",
+            setup.schema
+        ),
+        &[&held_id],
+    )
+    .await
+    .expect("lock a row");
+    let relay = RunningRelay::start(config);
+    wait_until(
+        Duration::from_secs(30),
+        "the worker waits on the lock",
+        || async {
+            setup
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'outboxd partition 0' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+        },
+    )
+    .await;
+    let parked: i64 = setup
+        .client
+        .query_one(
+            &format!("SELECT count(*) FROM {}.parked_entity", setup.schema),
+            &[],
+        )
+        .await
+        .expect("parked")
+        .get(0);
+    assert_eq!(parked, 1, "A is parked before the worker reached the lock");
+    let sql = outboxd::sql::Statements::new(&setup.schema);
+    setup
+        .client
+        .query(&sql.unpark_entity, &[&"A"])
+        .await
+        .expect("unpark");
+    lock.rollback().await.expect("release the row");
+    setup.wait_drained("everything published").await;
+    relay.stop().await;
+    let order: Vec<String> = arrivals(&topic)
+        .iter()
+        .filter(|(e, _)| e == "A")
+        .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert_eq!(order, vec!["a1", "a3", "a4"], "A arrives in order");
+    setup.cleanup().await;
+}
