@@ -87,6 +87,25 @@ pub struct RunInfo<'a> {
     pub crashes: &'a [Crash],
 }
 
+/// How long one window of commit time (`WINDOW_S` seconds) took to arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct WindowLatency {
+    /// The window's start, in seconds after the run's start.
+    pub start_s: i64,
+    /// Messages committed in it that arrived.
+    pub count: u64,
+    /// Their 99th percentile commit-to-arrival, in ms.
+    pub p99_ms: f64,
+    /// Their slowest, in ms.
+    pub max_ms: f64,
+}
+
+/// The width of a latency window, in seconds.
+const WINDOW_S: i64 = 5;
+
+/// How many of the slowest windows the findings keep.
+const SLOWEST_WINDOWS: usize = 5;
+
 /// Commit-to-arrival latency over all committed messages that arrived, in ms.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Latency {
@@ -157,6 +176,9 @@ pub struct Findings {
     pub poison_to_next_min_ms: Option<f64>,
     /// Commit to arrival.
     pub latency_ms: Option<Latency>,
+    /// The windows of commit time with the slowest arrivals (by p99), worst first: where the
+    /// tail of the latency comes from, to be read against the fault timeline.
+    pub slowest_windows: Vec<WindowLatency>,
     /// A few examples of each finding, for a human.
     pub examples: Vec<String>,
 }
@@ -340,6 +362,7 @@ pub fn check(truth: &Truth, records: &[Record], run: &RunInfo<'_>) -> Findings {
     f.dead_letter_uncommitted += truth.dead_letters_unreadable.len() as u64;
 
     let mut latencies: Vec<f64> = Vec::new();
+    let mut windows: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
     let mut arrivals_total = 0u64;
     let mut distinct_total = 0u64;
     for (entity, committed) in &truth.entities {
@@ -520,7 +543,12 @@ pub fn check(truth: &Truth, records: &[Record], run: &RunInfo<'_>) -> Findings {
                 }
                 Some(ts) => {
                     if let Some(us) = c.commit_us {
-                        latencies.push((*ts * 1000 - us) as f64 / 1000.0);
+                        let ms = (*ts * 1000 - us) as f64 / 1000.0;
+                        latencies.push(ms);
+                        windows
+                            .entry((us - origin_us).div_euclid(WINDOW_S * 1_000_000))
+                            .or_default()
+                            .push(ms);
                     }
                 }
             }
@@ -528,6 +556,7 @@ pub fn check(truth: &Truth, records: &[Record], run: &RunInfo<'_>) -> Findings {
     }
     f.duplicates = arrivals_total - distinct_total;
     f.latency_ms = latency(latencies);
+    f.slowest_windows = slowest_windows(windows);
     // The graver findings first: cross-topic reorders can be many.
     f.examples = [
         "lost",
@@ -547,6 +576,24 @@ pub fn check(truth: &Truth, records: &[Record], run: &RunInfo<'_>) -> Findings {
     f
 }
 
+/// The `SLOWEST_WINDOWS` windows with the highest p99, worst first.
+fn slowest_windows(windows: BTreeMap<i64, Vec<f64>>) -> Vec<WindowLatency> {
+    let mut all: Vec<WindowLatency> = windows
+        .into_iter()
+        .filter_map(|(index, ms)| {
+            latency(ms).map(|l| WindowLatency {
+                start_s: index * WINDOW_S,
+                count: l.count,
+                p99_ms: l.p99,
+                max_ms: l.max,
+            })
+        })
+        .collect();
+    all.sort_by(|a, b| b.p99_ms.total_cmp(&a.p99_ms));
+    all.truncate(SLOWEST_WINDOWS);
+    all
+}
+
 fn latency(mut ms: Vec<f64>) -> Option<Latency> {
     if ms.is_empty() {
         return None;
@@ -560,6 +607,25 @@ fn latency(mut ms: Vec<f64>) -> Option<Latency> {
         max: ms[ms.len() - 1],
         count: ms.len() as u64,
     })
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn the_slowest_windows_come_first_with_their_start() {
+        let mut windows = BTreeMap::new();
+        windows.insert(0, vec![10.0, 20.0]);
+        windows.insert(3, vec![5.0, 90_000.0]);
+        windows.insert(7, vec![300.0]);
+        let slowest = slowest_windows(windows);
+        assert_eq!(slowest.len(), 3);
+        assert_eq!((slowest[0].start_s, slowest[0].count), (15, 2));
+        assert_eq!(slowest[0].p99_ms, 90_000.0);
+        assert_eq!(slowest[1].start_s, 35);
+        assert_eq!(slowest[2].start_s, 0);
+    }
 }
 
 #[cfg(test)]

@@ -221,6 +221,24 @@ impl Summary {
             )),
             None => line("commit->arrival (no message measured)".into()),
         }
+        if !f.slowest_windows.is_empty() {
+            let windows: Vec<String> = f
+                .slowest_windows
+                .iter()
+                .map(|w| {
+                    format!(
+                        "+{}s: p99 {:.1} s ({} msgs)",
+                        w.start_s,
+                        w.p99_ms / 1000.0,
+                        w.count
+                    )
+                })
+                .collect();
+            line(format!(
+                "  slowest 5 s windows of commit time: {}",
+                windows.join(", ")
+            ));
+        }
         line(format!(
             "drained         {}",
             if self.drained { "yes" } else { "NO" }
