@@ -206,12 +206,9 @@ impl Worker<'_> {
                 }
                 pending.retain(|r| !done.contains(&r.id));
                 // A refusal in a Kafka partition is fatal for the gap-less producer; the first
-                // worker to notice replaces it (counted in the publisher).
-                if ctx.publisher.recover_if_fatal()? {
-                    let (count, last) = ctx.publisher.fatal_errors();
-                    ctx.health
-                        .set_producer_fatal(count, last.map(|(_, e)| e).unwrap_or_default());
-                }
+                // worker to notice replaces it (counted in the publisher, shown in /health by
+                // the Kafka watch).
+                ctx.publisher.recover_if_fatal()?;
             }
             let Some((message_id, error)) = retry else {
                 backoff.reset();

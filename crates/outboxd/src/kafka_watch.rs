@@ -3,7 +3,9 @@
 //! sends nothing that could be acknowledged. So while the producer counts Kafka as
 //! unreachable, this task asks the cluster for its metadata every few seconds, and it mirrors
 //! the state into `/health` (a partition with messages to publish shows `retrying` on its own
-//! after a few seconds without acknowledgements).
+//! after a few seconds without acknowledgements). It also mirrors the producer's fatal errors
+//! (however they were noticed: by a round waiting for acknowledgements or after one), and
+//! replaces a fatal producer that no round has noticed yet.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,5 +36,11 @@ pub async fn run(publisher: Arc<Publisher>, health: Arc<Health>, stop: watch::Re
             format!("unreachable for {} s{last}", d.as_secs())
         });
         health.set_kafka(state);
+        if let Err(e) = publisher.recover_if_fatal() {
+            tracing::error!(error = %e, "could not replace the fatal Kafka producer");
+        }
+        if let (count @ 1.., Some((_, last))) = publisher.fatal_errors() {
+            health.set_producer_fatal(count, last);
+        }
     }
 }

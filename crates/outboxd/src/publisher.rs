@@ -19,7 +19,7 @@ use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -32,6 +32,10 @@ pub const HEADER_ID: &str = "outbox-id";
 pub const HEADER_ENTITY_KEY: &str = "outbox-entity-key";
 /// Header carrying the event type, when the message has one.
 pub const HEADER_EVENT_TYPE: &str = "outbox-event-type";
+
+/// How often a round waiting for acknowledgements checks whether its producer hit a fatal
+/// error (one atomic read in librdkafka).
+const FATAL_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Room for what librdkafka adds around a record (the record and batch headers), in bytes.
 const RECORD_OVERHEAD: usize = 1024;
@@ -228,35 +232,52 @@ impl Publisher {
     /// Replaces the main producer when it has raised a fatal error (an idempotent producer
     /// cannot continue after one); true when it did. Several workers may notice the same
     /// fatal error; only the first replaces it. Every message the old producer still held
-    /// fails (those queued with a purge error, never sent); their workers send them again.
+    /// fails with a purge error; their workers send them again.
     pub fn recover_if_fatal(&self) -> Result<bool> {
-        let mut guard = match self.producer.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let Some((code, reason)) = guard.client().fatal_error() else {
+        self.retire_if_fatal(&self.current())
+    }
+
+    /// When `producer` has raised a fatal error: replaces it (if it is still the main
+    /// producer) and purges it, queued and in flight, so that every delivery it still owes
+    /// is reported. A fatal producer never sends again, and librdkafka purges its queues only
+    /// once, when the error is raised: a request that was in flight then and fails afterwards
+    /// (a broker restarting) puts its messages back in a queue nothing serves, and without
+    /// a message timeout their delivery reports would never come. Purging a producer that
+    /// was already purged is harmless. True when `producer` was fatal.
+    fn retire_if_fatal(&self, producer: &Arc<Producer2>) -> Result<bool> {
+        let Some((code, reason)) = producer.client().fatal_error() else {
             return Ok(false);
         };
-        self.fatal_errors.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("outbox_relay_producer_fatal_errors_total").increment(1);
-        tracing::error!(
-            ?code,
-            reason,
-            "Kafka producer hit a fatal error; creating a new one"
-        );
-        {
-            let mut last = match self.last_fatal.lock() {
+        let replaced = {
+            let mut guard = match self.producer.write() {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            *last = Some((Instant::now(), format!("{code:?}: {reason}")));
-        }
-        let fresh: Producer2 = self
-            .config
-            .create_with_context(EventsContext(Arc::clone(&self.events)))
-            .map_err(Error::kafka("recreating the producer"))?;
-        *guard = Arc::new(fresh);
-        Ok(true)
+            if Arc::ptr_eq(&guard, producer) {
+                self.fatal_errors.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("outbox_relay_producer_fatal_errors_total").increment(1);
+                tracing::error!(
+                    ?code,
+                    reason,
+                    "Kafka producer hit a fatal error; creating a new one"
+                );
+                *lock(&self.last_fatal) = Some((Instant::now(), format!("{code:?}: {reason}")));
+                let fresh: std::result::Result<Producer2, _> = self
+                    .config
+                    .create_with_context(EventsContext(Arc::clone(&self.events)));
+                match fresh {
+                    Ok(fresh) => {
+                        *guard = Arc::new(fresh);
+                        Ok(())
+                    }
+                    Err(e) => Err(Error::kafka("recreating the producer")(e)),
+                }
+            } else {
+                Ok(())
+            }
+        };
+        producer.purge(PurgeConfig::default().queue().inflight().non_blocking());
+        replaced.map(|()| true)
     }
 
     /// Sends `rows` in order through the main producer and waits for every acknowledgement.
@@ -275,8 +296,28 @@ impl Publisher {
                 }
             }
         }
-        let mut results: Vec<Sent> = join_all(deliveries)
-            .await
+        let all = join_all(deliveries);
+        tokio::pin!(all);
+        // While waiting, watch for a fatal error of the producer the rows went through: its
+        // stranded deliveries are reported only once it is purged (see `retire_if_fatal`).
+        let mut purged = false;
+        let reports = loop {
+            tokio::select! {
+                reports = &mut all => break reports,
+                () = tokio::time::sleep(FATAL_CHECK_INTERVAL), if !purged => {
+                    match self.retire_if_fatal(&producer) {
+                        Ok(fatal) => purged = fatal,
+                        Err(e) => {
+                            // The old producer is purged all the same; a later check
+                            // creates the new one.
+                            tracing::error!(error = %e, "could not replace the fatal Kafka producer");
+                            purged = true;
+                        }
+                    }
+                }
+            }
+        };
+        let mut results: Vec<Sent> = reports
             .into_iter()
             .map(|r| match r {
                 Ok(Ok(_)) => Sent::Acked,
@@ -429,5 +470,91 @@ async fn enqueue(
             }
             Err((e, _)) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Faults a real broker cannot be made to produce on cue: these run against rdkafka's
+    //! mock cluster. The chaos harness found the first one against the real broker.
+
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    use super::*;
+
+    fn row(id: i64, topic: &str) -> OutboxRow {
+        OutboxRow {
+            id,
+            topic: topic.to_owned(),
+            entity_key: format!("entity-{id}"),
+            kafka_key: None,
+            kafka_partition: None,
+            payload: Some(b"payload".to_vec()),
+            header_names: vec![],
+            header_values: vec![],
+            event_type: None,
+            created_at_epoch: 0.0,
+            undecodable: None,
+        }
+    }
+
+    /// A request refused for good makes the gap-less producer fatal while another request is
+    /// in flight; that one then fails with a retriable error (a broker restarting), and its
+    /// message goes back to a queue the fatal producer never serves again. Without the purge
+    /// its round waited for ever (chaos seed 1000: two partitions stuck until the relays were
+    /// restarted). With it, the round ends with a retriable failure and a resend goes through
+    /// the new producer.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_delivery_stranded_by_a_fatal_error_is_reported_and_resent() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("refused", 1, 1).expect("topic");
+        mock.create_topic("innocent", 1, 1).expect("topic");
+        let config = Config::from_toml(&format!(
+            "database_url = \"postgres://unused\"\nbrokers = \"{}\"\n",
+            mock.bootstrap_servers()
+        ))
+        .expect("config");
+        let publisher = Arc::new(Publisher::new(&config, 1_000_000).expect("publisher"));
+        let warm = publisher
+            .send(&[&row(1, "refused"), &row(2, "innocent")])
+            .await;
+        assert!(warm.iter().all(|s| matches!(s, Sent::Acked)), "{warm:?}");
+
+        // Responses take a second, so the second request is in flight when the first one's
+        // refusal comes back.
+        mock.broker_round_trip_time(1, Duration::from_secs(1))
+            .expect("rtt");
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            ],
+        );
+        let p = Arc::clone(&publisher);
+        let refused = tokio::spawn(async move { p.send(&[&row(3, "refused")]).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let p = Arc::clone(&publisher);
+        let stranded = tokio::spawn(async move { p.send(&[&row(4, "innocent")]).await });
+
+        let refused = refused.await.expect("task");
+        assert!(
+            matches!(&refused[..], [Sent::Failed(e)] if classify(e) == Refusal::PermanentForItsBatch),
+            "{refused:?}"
+        );
+        let stranded = tokio::time::timeout(Duration::from_secs(30), stranded)
+            .await
+            .expect("the stranded delivery must be reported, not waited for for ever")
+            .expect("task");
+        assert!(
+            matches!(&stranded[..], [Sent::Failed(e)] if classify(e) == Refusal::Retriable),
+            "{stranded:?}"
+        );
+        assert_eq!(publisher.fatal_errors().0, 1, "counted once");
+
+        mock.broker_round_trip_time(1, Duration::ZERO).expect("rtt");
+        let resent = publisher.send(&[&row(4, "innocent")]).await;
+        assert!(matches!(&resent[..], [Sent::Acked]), "{resent:?}");
     }
 }
