@@ -29,10 +29,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0003_nothing_lost",
         sql: include_str!("../../../migrations/0003_nothing_lost.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_leases",
+        sql: include_str!("../../../migrations/0004_leases.sql"),
+    },
 ];
 
 /// The schema version this library expects.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Applies the pending migrations to the schema `outbox`. Idempotent.
 pub async fn migrate(client: &tokio_postgres::Client) -> Result<()> {

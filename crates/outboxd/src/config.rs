@@ -36,6 +36,10 @@ pub struct Config {
     /// How long, after SIGTERM/SIGINT, in-flight batches may take to finish, in ms.
     /// Default: 10000.
     pub shutdown_timeout_ms: u64,
+    /// How long a partition lease lasts without renewal, in ms: a paused or unreachable
+    /// instance's partitions are taken over after about this long (a killed one's at once).
+    /// Leases are renewed every third of it. Default: 10000.
+    pub lease_ttl_ms: u64,
     /// How often idle sticky mappings are forgotten, in ms; 0 turns the cleanup off.
     /// Default: 60000.
     pub mapping_cleanup_interval_ms: u64,
@@ -117,6 +121,7 @@ impl Default for Config {
             retry_initial_ms: 100,
             retry_max_ms: 10_000,
             shutdown_timeout_ms: 10_000,
+            lease_ttl_ms: 10_000,
             mapping_cleanup_interval_ms: 60_000,
             mapping_ttl_s: 86_400,
             http_listen: String::new(),
@@ -238,6 +243,7 @@ impl Config {
             ("retry_initial_ms", self.retry_initial_ms, 1, 60_000),
             ("retry_max_ms", self.retry_max_ms, 1, 600_000),
             ("shutdown_timeout_ms", self.shutdown_timeout_ms, 0, 600_000),
+            ("lease_ttl_ms", self.lease_ttl_ms, 1_000, 600_000),
             (
                 "mapping_cleanup_interval_ms",
                 self.mapping_cleanup_interval_ms,
@@ -319,5 +325,8 @@ impl Config {
     }
     pub(crate) fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+    pub(crate) fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
     }
 }

@@ -1,30 +1,59 @@
-//! Faults a test can inject into a running relay, to prove that supervision works: a panic in
-//! a partition worker is exactly what supervision must survive, and no input can cause one on
-//! purpose. Production code never arms anything; an unarmed check is one atomic load.
+//! Faults a test can inject into a running relay: a panic in a partition worker (what
+//! supervision must survive; no input can cause one on purpose), and a worker held between
+//! publishing a batch and retiring it (a pause at the worst moment, to prove fencing).
+//! Production code never arms anything; an unarmed check is one atomic load.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Notify;
 
 /// Faults armed by a test; see [`crate::Relay::faults`].
 #[derive(Debug, Default)]
 pub struct Faults {
     armed: AtomicBool,
     panic_partitions: Mutex<HashSet<i32>>,
+    hold_partitions: Mutex<HashSet<i32>>,
+    holding: AtomicBool,
+    release: Notify,
 }
 
 impl Faults {
     /// Makes the worker of `partition` panic once, before its next batch.
     pub fn panic_worker_once(&self, partition: i32) {
-        self.lock().insert(partition);
+        lock(&self.panic_partitions).insert(partition);
         self.armed.store(true, Ordering::SeqCst);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
-        match self.panic_partitions.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
+    /// Makes the worker of `partition` wait, once, after its next batch was published and
+    /// before it is retired, until [`Faults::release_retire`].
+    pub fn hold_before_retire(&self, partition: i32) {
+        lock(&self.hold_partitions).insert(partition);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// True while a worker waits in [`Faults::hold_before_retire`].
+    pub fn holding_before_retire(&self) -> bool {
+        self.holding.load(Ordering::SeqCst)
+    }
+
+    /// Lets the held worker go on.
+    pub fn release_retire(&self) {
+        self.release.notify_waiters();
+    }
+
+    /// Called by the worker of `partition` before it retires a published batch.
+    pub(crate) async fn before_retire(&self, partition: i32) {
+        if !self.armed.load(Ordering::Relaxed) || !lock(&self.hold_partitions).remove(&partition) {
+            return;
         }
+        let released = self.release.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        self.holding.store(true, Ordering::SeqCst);
+        released.await;
+        self.holding.store(false, Ordering::SeqCst);
     }
 
     /// Called by the worker of `partition` before each batch.
@@ -32,9 +61,16 @@ impl Faults {
         if !self.armed.load(Ordering::Relaxed) {
             return;
         }
-        let fire = self.lock().remove(&partition);
+        let fire = lock(&self.panic_partitions).remove(&partition);
         if fire {
             panic!("fault injected by a test: worker of partition {partition} panics");
         }
+    }
+}
+
+fn lock(m: &Mutex<HashSet<i32>>) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }

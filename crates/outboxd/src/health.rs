@@ -2,7 +2,9 @@
 //! updated on every state change (not per message), read on request.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::ownership::Ownership;
 
 /// The state of one virtual partition in this relay instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +92,8 @@ pub struct Health {
     kafka: Mutex<Option<String>>,
     /// Entities the `park_entity` policy holds back, in the whole schema.
     parked_entities: Mutex<i64>,
+    /// This instance's leases, once the relay runs.
+    ownership: Mutex<Option<Arc<Ownership>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,6 +129,11 @@ impl Health {
         *lock(&self.kafka) = unreachable;
     }
 
+    /// Shows `ownership`'s instance id, leases and counters in `/health`.
+    pub fn set_ownership(&self, ownership: Arc<Ownership>) {
+        *lock(&self.ownership) = Some(ownership);
+    }
+
     /// Records how many entities are parked.
     pub fn set_parked_entities(&self, count: i64) {
         *lock(&self.parked_entities) = count;
@@ -144,9 +153,10 @@ impl Health {
             && lock(&self.kafka).is_none()
     }
 
-    /// The `/health` body: `{"healthy": bool, "partitions": {"0": "relaying", ...}}`, plus
-    /// `task_problems`, `kafka`, `parked_entities` and `producer` when there is something to
-    /// say.
+    /// The `/health` body: `{"healthy": bool, "partitions": {"0": "relaying", ...}}`, this
+    /// instance's id, its `leases` (epoch and age per partition), `lease_takeovers` and
+    /// `fencing_rejections`, plus `task_problems`, `kafka`, `parked_entities` and `producer`
+    /// when there is something to say.
     pub fn to_json(&self) -> String {
         let snapshot = self.snapshot();
         let partitions: serde_json::Map<String, serde_json::Value> = snapshot
@@ -167,6 +177,27 @@ impl Health {
         let parked = *lock(&self.parked_entities);
         if parked > 0 {
             body["parked_entities"] = serde_json::json!(parked);
+        }
+        if let Some(o) = lock(&self.ownership).clone() {
+            let leases: serde_json::Map<String, serde_json::Value> = o
+                .leases()
+                .into_iter()
+                .map(|(p, l)| {
+                    (
+                        p.to_string(),
+                        serde_json::json!({
+                            "epoch": l.epoch,
+                            "renewed_ms_ago": u64::try_from(l.renewed_at.elapsed().as_millis())
+                                .unwrap_or(u64::MAX),
+                        }),
+                    )
+                })
+                .collect();
+            let (takeovers, fenced) = o.counters();
+            body["instance"] = serde_json::json!(o.instance());
+            body["leases"] = serde_json::Value::Object(leases);
+            body["lease_takeovers"] = serde_json::json!(takeovers);
+            body["fencing_rejections"] = serde_json::json!(fenced);
         }
         if let Some((count, last)) = lock(&self.producer).clone() {
             body["producer"] = serde_json::json!({

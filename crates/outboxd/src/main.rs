@@ -50,6 +50,9 @@ struct Cli {
     /// Time in-flight batches get after SIGTERM/SIGINT, in ms [default: 10000].
     #[arg(long, env = "OUTBOXD_SHUTDOWN_TIMEOUT_MS", global = true)]
     shutdown_timeout_ms: Option<u64>,
+    /// How long a partition lease lasts without renewal, in ms [default: 10000].
+    #[arg(long, env = "OUTBOXD_LEASE_TTL_MS", global = true)]
+    lease_ttl_ms: Option<u64>,
     /// How often idle sticky mappings are forgotten, in ms; 0 = never [default: 60000].
     #[arg(long, env = "OUTBOXD_MAPPING_CLEANUP_INTERVAL_MS", global = true)]
     mapping_cleanup_interval_ms: Option<u64>,
@@ -128,6 +131,9 @@ impl Cli {
         }
         if let Some(v) = self.shutdown_timeout_ms {
             config.shutdown_timeout_ms = v;
+        }
+        if let Some(v) = self.lease_ttl_ms {
+            config.lease_ttl_ms = v;
         }
         if let Some(v) = self.mapping_cleanup_interval_ms {
             config.mapping_cleanup_interval_ms = v;

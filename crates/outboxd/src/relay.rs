@@ -77,6 +77,7 @@ async fn run_relay(
     tokio::pin!(shutdown);
     let Some(Started {
         control,
+        instance,
         sql,
         partitions,
         max_record_bytes,
@@ -91,7 +92,9 @@ async fn run_relay(
         .database_url
         .parse()
         .map_err(Error::pg("parsing database_url"))?;
-    let ownership = Arc::new(Ownership::default());
+    tracing::info!(%instance, "registered as a relay instance");
+    let ownership = Arc::new(Ownership::new(instance, config.lease_ttl()));
+    health.set_ownership(Arc::clone(&ownership));
     let publisher = Publisher::new(&config, max_record_bytes)?;
     let shutdown_timeout = config.shutdown_timeout();
     let retry = (config.retry_initial(), config.retry_max());
@@ -148,6 +151,14 @@ async fn run_relay(
                         .run(stop_rx.clone()),
                     )
                 }
+                Task::Leases => Box::pin(crate::ownership::leases::run(
+                    ctx.pg_config.clone(),
+                    ctx.sql.clone(),
+                    Arc::clone(&ctx.ownership),
+                    Arc::clone(&ctx.health),
+                    ctx.config.shutdown_timeout(),
+                    stop_rx.clone(),
+                )),
                 Task::KafkaWatch => Box::pin(crate::kafka_watch::run(
                     Arc::clone(&ctx.publisher),
                     Arc::clone(&ctx.health),
@@ -179,6 +190,7 @@ async fn run_relay(
         })
     };
     let mut supervisor = Supervisor::new(starter, retry, Arc::clone(&health), stop_rx.clone());
+    supervisor.spawn(Task::Leases);
     supervisor.spawn(Task::Poller);
     supervisor.spawn(Task::KafkaWatch);
     if ctx.config.mapping_cleanup_interval_ms > 0 {

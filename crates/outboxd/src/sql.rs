@@ -34,9 +34,29 @@ pub struct Statements {
     /// The largest record a message may make (`settings.max_record_bytes`), which the
     /// producer is sized for. No parameters.
     pub max_record_bytes: String,
-    /// Takes the session-level advisory lock that makes this connection the only reader of
-    /// a partition. `$1`: partition.
-    pub try_lock_partition: String,
+    /// Claims a partition's lease for this instance (see `ownership`): succeeds when the
+    /// lease is free, expired, this instance's own, or held by an instance that is no longer
+    /// alive, and bumps the epoch. `$1`: partition, `$2`: instance id, `$3`: TTL in ms.
+    /// Returns the new epoch and the previous owner (NULL when there was none), or no row.
+    pub claim_lease: String,
+    /// Gives a lease up at once (a graceful hand-over). `$1`: partition, `$2`: instance id,
+    /// `$3`: epoch.
+    pub release_lease: String,
+    /// Registers this instance. `$1`: host, `$2`: process id, `$3`: TTL in ms. Returns the
+    /// instance id (text).
+    pub register_instance: String,
+    /// Keeps this instance alive and renews every lease it still holds. `$1`: instance id,
+    /// `$2`: TTL in ms, `$3`: host, `$4`: process id. Returns the instance's lock key and the
+    /// renewed partitions and their epochs.
+    pub renew_leases: String,
+    /// Takes the advisory lock that shows this instance's lease session is alive. `$1`: the
+    /// instance's lock key.
+    pub lock_instance: String,
+    /// Forgets instances that have been dead for an hour. No parameters.
+    pub forget_dead_instances: String,
+    /// A graceful exit: gives up every lease of the instance and deregisters it. `$1`:
+    /// instance id.
+    pub deregister_instance: String,
     /// Opens a read window: the current transaction snapshot, and the smallest id that is
     /// committed in it but was not yet committed in the previous window's snapshot. Only
     /// rows written by transactions in the previous snapshot's in-progress list, or started
@@ -63,11 +83,14 @@ pub struct Statements {
     /// otherwise scan whole for the id range.) `$1`: partition, `$2`: cursor, `$3`: window snapshot (text), `$4`:
     /// limit, `$5`: previous snapshot (text), `$6`: highest id already published.
     pub read_late: String,
-    /// Retires published messages. `$1`: partition, `$2`: ids. Each id is looked up by the
-    /// full primary key, a plan the planner cannot get wrong. The plain form
-    /// `partition = $1 AND id = ANY ($2)`, prepared while the table looked small, got a
-    /// generic plan that filtered the whole partition, dead rows included: 30 ms per
-    /// delete behind a long transaction.
+    /// Retires published messages, only while the worker's lease still carries its epoch
+    /// (fencing): the lease row is share-locked in the same statement, so a takeover either
+    /// committed before (nothing is retired) or waits until the retirement committed. Each id
+    /// is looked up by the full primary key, a plan the planner cannot get wrong. The plain
+    /// form `partition = $1 AND id = ANY ($2)`, prepared while the table looked small, got a
+    /// generic plan that filtered the whole partition, dead rows included: 30 ms per delete
+    /// behind a long transaction. `$1`: partition, `$2`: ids, `$3`: instance id, `$4`:
+    /// epoch. Returns whether the lease was held.
     pub delete_batch: String,
     /// Moves one message to `dead_letter`. `$1`: partition, `$2`: id, `$3`: policy,
     /// `$4`: error. Returns the moved id (no row when it was already gone).
@@ -97,13 +120,10 @@ pub struct Statements {
     /// the highest id in use (in the outbox table, each partition's newest row through the
     /// primary key, and in `dead_letter`). No parameters.
     pub id_sequence: String,
-    /// Registers this relay instance for as long as the session lives (a session advisory
-    /// lock keyed by the backend pid), so instances can count each other. No parameters.
-    pub register_instance: String,
-    /// The view every instance shares partitions by (see `ownership`): how many relay
-    /// instances are registered for this schema in this database, and the partition count;
+    /// The view every instance shares partitions by (see `ownership`): the live instances
+    /// in id order, the partition count, the partitions at or above it that hold messages;
     /// and how many entities are parked (for `/health`). No parameters.
-    pub count_instances: String,
+    pub ownership_view: String,
     /// Locks the next mappings that may be forgotten (see `mappings`): above the partition
     /// count, or idle for the TTL; ones a writer holds are skipped. Writers refresh
     /// `last_used_at` when it is older than `mapping_touch_interval()` (an hour), so "idle for
@@ -160,8 +180,60 @@ impl Statements {
                                       - (SELECT count(*) FROM pg_stat_activity
                                           WHERE backend_type = 'client backend')"
                 .to_owned(),
-            try_lock_partition: format!(
-                "SELECT pg_try_advisory_lock(hashtext('outboxd {s}'), $1::int4)"
+            claim_lease: format!(
+                "WITH previous AS (
+                     SELECT owner FROM {s}.partition_lease WHERE partition = $1::int4
+                 ), claimed AS (
+                     INSERT INTO {s}.partition_lease AS l (partition, owner, epoch, expires_at, taken_at)
+                     VALUES ($1::int4, $2::text::uuid, 1,
+                             now() + $3::int8 * interval '1 millisecond', now())
+                     ON CONFLICT (partition) DO UPDATE
+                        SET owner = EXCLUDED.owner, epoch = l.epoch + 1,
+                            expires_at = EXCLUDED.expires_at, taken_at = now()
+                      WHERE l.owner IS NULL OR l.owner = EXCLUDED.owner OR l.expires_at <= now()
+                         OR NOT {s}.instance_is_alive(l.owner)
+                     RETURNING l.epoch
+                 )
+                 SELECT epoch, (SELECT owner::text FROM previous) FROM claimed"
+            ),
+            release_lease: format!(
+                "UPDATE {s}.partition_lease SET owner = NULL, expires_at = '-infinity'
+                  WHERE partition = $1::int4 AND owner = $2::text::uuid AND epoch = $3::int8"
+            ),
+            register_instance: format!(
+                "INSERT INTO {s}.relay_instance (host, pid, expires_at)
+                 VALUES ($1::text, $2::int4, now() + $3::int8 * interval '1 millisecond')
+                 RETURNING instance_id::text"
+            ),
+            renew_leases: format!(
+                "WITH instance AS (
+                     INSERT INTO {s}.relay_instance (instance_id, host, pid, expires_at)
+                     VALUES ($1::text::uuid, $3::text, $4::int4,
+                             now() + $2::int8 * interval '1 millisecond')
+                     ON CONFLICT (instance_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+                     RETURNING lock_key
+                 ), renewed AS (
+                     UPDATE {s}.partition_lease
+                        SET expires_at = now() + $2::int8 * interval '1 millisecond'
+                      WHERE owner = $1::text::uuid AND expires_at > now()
+                     RETURNING partition, epoch
+                 )
+                 SELECT (SELECT lock_key FROM instance),
+                        (SELECT array_agg(partition ORDER BY partition) FROM renewed),
+                        (SELECT array_agg(epoch ORDER BY partition) FROM renewed)"
+            ),
+            lock_instance: format!(
+                "SELECT pg_try_advisory_lock({s}.instance_lock_class(), $1::int4)"
+            ),
+            forget_dead_instances: format!(
+                "DELETE FROM {s}.relay_instance WHERE expires_at < now() - interval '1 hour'"
+            ),
+            deregister_instance: format!(
+                "WITH released AS (
+                     UPDATE {s}.partition_lease SET owner = NULL, expires_at = '-infinity'
+                      WHERE owner = $1::text::uuid
+                 )
+                 DELETE FROM {s}.relay_instance WHERE instance_id = $1::text::uuid"
             ),
             open_window: format!(
                 "SELECT pg_current_snapshot()::text,
@@ -204,11 +276,20 @@ impl Statements {
                   LIMIT $4::int8"
             ),
             delete_batch: format!(
-                "DELETE FROM {s}.message
-                  WHERE ctid = ANY (ARRAY(
-                        SELECT (SELECT m.ctid FROM {s}.message m
-                                 WHERE m.partition = $1::int4 AND m.id = d.id)
-                          FROM unnest($2::int8[]) AS d(id)))"
+                "WITH lease AS (
+                     SELECT 1 FROM {s}.partition_lease
+                      WHERE partition = $1::int4 AND owner = $3::text::uuid
+                        AND epoch = $4::int8 AND expires_at > now()
+                        FOR SHARE
+                 ), retired AS (
+                     DELETE FROM {s}.message
+                      WHERE ctid = ANY (ARRAY(
+                            SELECT (SELECT m.ctid FROM {s}.message m
+                                     WHERE m.partition = $1::int4 AND m.id = d.id)
+                              FROM unnest($2::int8[]) AS d(id)))
+                        AND EXISTS (SELECT 1 FROM lease)
+                 )
+                 SELECT EXISTS (SELECT 1 FROM lease)"
             ),
             dead_letter: move_to_dead_letter(
                 s,
@@ -283,18 +364,17 @@ impl Statements {
                    FROM (SELECT pg_get_serial_sequence('{s}.message', 'id') AS seq) q
                    LEFT JOIN pg_sequences s ON s.schemaname || '.' || s.sequencename = q.seq"
             ),
-            register_instance: format!(
-                "SELECT pg_advisory_lock(hashtext('outboxd instances {s}'), pg_backend_pid())"
-            ),
-            // pg_locks shows the first key as an oid: the int4 hash read unsigned.
-            count_instances: format!(
-                "SELECT (SELECT count(*) FROM pg_locks
-                          WHERE locktype = 'advisory' AND granted AND objsubid = 2
-                            AND database = (SELECT oid FROM pg_database
-                                             WHERE datname = current_database())
-                            AND classid = (hashtext('outboxd instances {s}')::int8 & 4294967295)::oid),
+            ownership_view: format!(
+                "SELECT (SELECT array_agg(i.instance_id::text ORDER BY i.instance_id)
+                           FROM {s}.relay_instance i
+                          WHERE i.expires_at > now() AND {s}.instance_lock_is_held(i.lock_key)),
                         (SELECT count(*) FROM {s}.parked_entity),
-                        (SELECT partition_count FROM {s}.settings)"
+                        st.partition_count,
+                        (SELECT array_agg(p ORDER BY p)
+                           FROM generate_series(st.partition_count,
+                                                (SELECT max(partition) FROM {s}.message)) p
+                          WHERE EXISTS (SELECT 1 FROM {s}.message m WHERE m.partition = p))
+                   FROM {s}.settings st"
             ),
             lock_forgettable_mappings: format!(
                 "SELECT e.entity_key
@@ -326,7 +406,13 @@ impl Statements {
             ("partitions_to_serve", &self.partitions_to_serve),
             ("max_record_bytes", &self.max_record_bytes),
             ("free_connections", &self.free_connections),
-            ("try_lock_partition", &self.try_lock_partition),
+            ("claim_lease", &self.claim_lease),
+            ("release_lease", &self.release_lease),
+            ("register_instance", &self.register_instance),
+            ("renew_leases", &self.renew_leases),
+            ("lock_instance", &self.lock_instance),
+            ("forget_dead_instances", &self.forget_dead_instances),
+            ("deregister_instance", &self.deregister_instance),
             ("open_first_window", &self.open_first_window),
             ("open_window", &self.open_window),
             ("read_batch", &self.read_batch),
@@ -340,8 +426,7 @@ impl Statements {
             ("current_snapshot", &self.current_snapshot),
             ("incarnation", &self.incarnation),
             ("id_sequence", &self.id_sequence),
-            ("register_instance", &self.register_instance),
-            ("count_instances", &self.count_instances),
+            ("ownership_view", &self.ownership_view),
             ("lock_forgettable_mappings", &self.lock_forgettable_mappings),
             ("forget_mappings", &self.forget_mappings),
         ]

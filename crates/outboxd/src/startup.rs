@@ -1,5 +1,5 @@
 //! What the relay reads from PostgreSQL before its tasks start: the schema's version, the
-//! safety checks, this instance's registration, the partition count, the record limit, and
+//! safety checks, this instance's registration (a new instance id), the partition count, the record limit, and
 //! the wake-up poller's starting snapshot. While PostgreSQL cannot be reached (the relay came
 //! up before the database, or the database restarts) it waits with backoff, visible in
 //! `/health`, instead of exiting; what waiting cannot fix (a missing schema, an unsafe id
@@ -19,8 +19,10 @@ use crate::wakeup::{PollerStart, initial_state};
 
 /// What the relay starts from.
 pub struct Started {
-    /// The control connection, registered as this instance; it becomes the poller's.
+    /// The control connection; it becomes the poller's.
     pub control: Client,
+    /// This instance's id (`relay_instance.instance_id`).
+    pub instance: String,
     /// The statements for the schema.
     pub sql: Statements,
     /// How many partitions to serve at start.
@@ -71,11 +73,7 @@ async fn read(config: &Config) -> Result<Started> {
     outbox::check_schema(&control, &schema).await?;
     let sql = Statements::new(&schema);
     crate::guards::check_id_sequence(&control, &sql).await?;
-    // The control connection becomes the poller's: it carries this instance's registration.
-    control
-        .batch_execute(&sql.register_instance)
-        .await
-        .map_err(Error::pg("registering the relay instance"))?;
+    let instance = crate::ownership::leases::register(&control, &sql, config.lease_ttl()).await?;
     let partitions: i32 = control
         .query_one(&sql.partitions_to_serve, &[])
         .await
@@ -95,6 +93,7 @@ async fn read(config: &Config) -> Result<Started> {
     let start = initial_state(&control, &sql).await?;
     Ok(Started {
         control,
+        instance,
         sql,
         partitions,
         max_record_bytes: usize::try_from(max_record_bytes).unwrap_or(0),

@@ -21,6 +21,8 @@ use crate::health::{Health, PartitionState};
 pub enum Task {
     /// The wake-up poller.
     Poller,
+    /// The lease renewal.
+    Leases,
     /// The sticky-mapping cleanup.
     MappingCleanup,
     /// The Kafka reachability watch.
@@ -34,6 +36,7 @@ impl Task {
     pub fn name(self) -> &'static str {
         match self {
             Task::Poller => "wake-up poller",
+            Task::Leases => "lease renewal",
             Task::MappingCleanup => "mapping cleanup",
             Task::KafkaWatch => "kafka watch",
             Task::Worker(_) => "partition worker",

@@ -187,10 +187,9 @@ pub struct Poller {
     pub served: Arc<Served>,
     /// Where to ask for a new worker.
     pub spawn: tokio::sync::mpsc::UnboundedSender<i32>,
-    /// This instance's fair share of partitions, updated from the count of registered
-    /// instances about once a second. The poller's connection carries the registration.
+    /// The ownership view (read by the lease task), for the partition count.
     pub ownership: Arc<Ownership>,
-    /// Where the poller reports the number of parked entities (counted with the instances).
+    /// Where the poller reports its problems.
     pub health: Arc<crate::health::Health>,
     /// Where the poller reports that it is alive.
     pub pulse: Arc<PollerPulse>,
@@ -227,14 +226,15 @@ impl Poller {
         let mut backoff = Backoff::new(retry.0, retry.1);
         // `poll_windows` prepared on the current connection.
         let mut prepared: Option<tokio_postgres::Statement> = None;
-        let mut counted_at: Option<Instant> = None;
+        // Workers were started for every partition below this.
+        let mut spawned_below = 0;
         // Said once, not every tick.
         let mut warned_outside = false;
         while periodic.tick().await {
             let (Some(c), Some(current)) = (client.as_ref().filter(|c| !c.is_closed()), &mut state)
             else {
                 prepared = None;
-                client = reconnect(&pg_config, &sql.register_instance).await;
+                client = reconnect(&pg_config).await;
                 let fresh = match &client {
                     Some(c) => initial_state(c, &sql).await.map_err(|e| {
                         tracing::warn!(error = %e, "wake-up poller cannot read its starting point");
@@ -276,27 +276,19 @@ impl Poller {
                 Ok(row) => {
                     backoff.reset();
                     pulse.beat();
-                    if counted_at.is_none_or(|t| t.elapsed() >= INSTANCE_COUNT_INTERVAL) {
-                        counted_at = Some(Instant::now());
-                        if let Ok(r) = c.query_one(&sql.count_instances, &[]).await
-                            && let (Ok(instances), Ok(parked), Ok(Some(count))) = (
-                                r.try_get::<_, i64>(0),
-                                r.try_get::<_, i64>(1),
-                                r.try_get::<_, Option<i32>>(2),
-                            )
-                        {
-                            ownership.set_view(count, usize::try_from(instances).unwrap_or(1));
-                            health.set_parked_entities(parked);
-                            // Every instance runs a worker for every partition below the
-                            // count, so that each can take whichever its share allows.
-                            for p in 0..count {
-                                if let Ok(index) = usize::try_from(p)
-                                    && served.claim(index)
-                                {
-                                    let _ = spawn.send(p);
-                                }
+                    // Every instance runs a worker for every partition below the count, so
+                    // that each can claim whichever the ownership view gives it.
+                    if let Some(view) = ownership.view()
+                        && view.count > spawned_below
+                    {
+                        for p in spawned_below.max(0)..view.count {
+                            if let Ok(index) = usize::try_from(p)
+                                && served.claim(index)
+                            {
+                                let _ = spawn.send(p);
                             }
                         }
+                        spawned_below = view.count;
                     }
                     let decoded = (|| {
                         Ok::<_, crate::Error>((
@@ -367,15 +359,8 @@ impl Poller {
     }
 }
 
-async fn reconnect(pg_config: &tokio_postgres::Config, register: &str) -> Option<Client> {
-    crate::session::connect(
-        pg_config,
-        &format!("{SESSION_SETUP} {register};"),
-        "wake-up poller",
-    )
-    .await
-    .ok()
+async fn reconnect(pg_config: &tokio_postgres::Config) -> Option<Client> {
+    crate::session::connect(pg_config, SESSION_SETUP, "wake-up poller")
+        .await
+        .ok()
 }
-
-/// How often the poller counts the relay instances.
-const INSTANCE_COUNT_INTERVAL: Duration = Duration::from_secs(1);

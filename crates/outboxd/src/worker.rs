@@ -1,8 +1,9 @@
-//! One virtual partition's worker: owns the partition through a session advisory lock on its
-//! own connection, then loops read a batch -> deliver it (`delivery`) -> retire what Kafka
-//! acknowledged, strictly one batch at a time so that order holds. When PostgreSQL goes away
-//! the worker reconnects with backoff and rereads the partition from its start, so nothing is
-//! lost (a batch whose delete did not happen is published again: at least once).
+//! One virtual partition's worker: claims the partition's lease when the shared view makes
+//! its instance the owner (`ownership`), then loops read a batch -> deliver it (`delivery`)
+//! -> retire what Kafka acknowledged, strictly one batch at a time so that order holds, and
+//! only while the lease carries its epoch. When PostgreSQL goes away the worker reconnects
+//! with backoff and rereads the partition from its start, so nothing is lost (a batch whose
+//! delete did not happen is published again: at least once).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -36,21 +37,27 @@ pub struct WorkerContext {
     pub config: Config,
     /// Where workers report their state.
     pub health: Arc<Health>,
-    /// This instance's share of the partitions (see `ownership`).
+    /// Which partitions are this instance's, and the leases it holds (see `ownership`).
     pub ownership: Arc<Ownership>,
     /// Faults a test asked for (see `faults`); none in production.
     pub faults: Arc<Faults>,
 }
 
-/// A worker's connection, holding its partition's advisory lock, with the statements it
-/// runs for every batch prepared.
+/// A worker's connection, with the statements it runs for every batch prepared, and the
+/// lease it claimed.
 struct Session {
     client: Client,
     read: ReadStatements,
     delete_batch: Statement,
     /// The database incarnation this connection talks to.
     incarnation: Incarnation,
+    /// The epoch of the partition's lease this worker holds.
+    epoch: i64,
 }
+
+/// How often a worker whose instance should own the partition tries to claim it while
+/// another instance still holds the lease (until that one lets it go or its lease expires).
+const CLAIM_RETRY: Duration = Duration::from_millis(500);
 
 /// Why a worker's inner loop ended.
 enum Exit {
@@ -58,8 +65,10 @@ enum Exit {
     Stop,
     /// The connection failed; reconnect.
     Reconnect(Error),
-    /// This instance holds more than its share: let the partition go to another one.
+    /// The shared view gives the partition to another instance: let it go.
     Release,
+    /// The lease was taken over or ran out: this worker may not retire anything more.
+    Fenced(&'static str),
     /// The partition is at or above the partition count and drained: let it go, so that it
     /// holds no connection and no place in the share until messages appear in it again.
     Drained,
@@ -73,27 +82,18 @@ pub(crate) struct Worker<'a> {
     stop: watch::Receiver<bool>,
 }
 
-/// Records the partition as held by this instance for as long as it lives; dropping it (the
-/// worker let the partition go, lost its connection, or panicked) takes the record back, so a
-/// dead worker never leaves the instance believing it holds more than it does.
+/// The lease this worker holds, recorded in `Ownership` (for renewal and `/health`) for as long
+/// as it lives; dropping it (the worker let the partition go, lost its connection, was
+/// fenced, or panicked) takes the record back, so a dead worker's lease is no longer renewed
+/// and runs out.
 struct Held<'a> {
     ownership: &'a Ownership,
     partition: i32,
 }
 
-impl<'a> Held<'a> {
-    fn new(ownership: &'a Ownership, partition: i32) -> Self {
-        ownership.took(partition);
-        Held {
-            ownership,
-            partition,
-        }
-    }
-}
-
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.ownership.lost(self.partition);
+        self.ownership.dropped(self.partition);
     }
 }
 
@@ -113,29 +113,38 @@ pub async fn run_worker(
     };
     let mut reconnect = Backoff::new(ctx.config.retry_initial(), ctx.config.retry_max());
     let mut reader = PartitionReader::new(partition, ctx.config.batch_size);
+    let mut view = ctx.ownership.subscribe();
     w.set_state(PartitionState::Starting);
     loop {
         if w.stopping() {
             return;
         }
-        if !ctx.ownership.may_take(partition) {
-            // This instance holds its share; the partition is left to another instance.
-            w.set_state(PartitionState::OwnedElsewhere);
-            if w.sleep_or_stop(ctx.config.retry_max()).await {
-                return;
+        view.borrow_and_update();
+        if !ctx.ownership.is_mine(partition) {
+            w.set_state(if ctx.ownership.needs_no_owner(partition) {
+                PartitionState::Idle
+            } else {
+                PartitionState::OwnedElsewhere
+            });
+            tokio::select! {
+                _ = view.changed() => {}
+                () = tokio::time::sleep(ctx.config.retry_max()) => {}
+                _ = w.stop.changed() => {}
             }
             continue;
         }
-        let session = match w.connect_and_lock().await {
+        let session = match w.connect_and_claim().await {
             Ok(Some(c)) => {
                 reconnect.reset();
                 c
             }
             Ok(None) => {
-                // Another relay instance holds this partition; check again later.
+                // Another instance still holds the lease: it lets go between batches, or its
+                // lease runs out.
                 w.set_state(PartitionState::OwnedElsewhere);
-                if w.sleep_or_stop(ctx.config.retry_max()).await {
-                    return;
+                tokio::select! {
+                    () = tokio::time::sleep(CLAIM_RETRY) => {}
+                    _ = w.stop.changed() => {}
                 }
                 continue;
             }
@@ -150,25 +159,38 @@ pub async fn run_worker(
                 continue;
             }
         };
-        let held = Held::new(&ctx.ownership, partition);
-        tracing::debug!(partition, "partition acquired");
+        let held = Held {
+            ownership: &ctx.ownership,
+            partition,
+        };
+        tracing::debug!(partition, epoch = session.epoch, "partition lease claimed");
         w.set_state(PartitionState::Relaying);
         reader.reset(session.incarnation.clone());
         let exit = w.work(&session, &mut reader, &mailbox, &pulse).await;
-        // Closing the connection releases the partition's advisory lock.
+        if matches!(exit, Exit::Stop | Exit::Release | Exit::Drained) {
+            // Let the next owner claim it now rather than after the TTL.
+            w.release(&session).await;
+        }
         drop(session);
+        drop(held);
         match exit {
             Exit::Stop => return,
             Exit::Release => {
-                drop(held);
-                tracing::info!(partition, "above this instance's share: partition released");
+                tracing::info!(
+                    partition,
+                    "the view gives this partition to another instance: lease released"
+                );
                 w.set_state(PartitionState::OwnedElsewhere);
-                if w.sleep_or_stop(ctx.config.retry_max()).await {
-                    return;
-                }
+            }
+            Exit::Fenced(why) => {
+                tracing::warn!(
+                    partition,
+                    why,
+                    "lease lost: this worker stops and retires nothing more"
+                );
+                w.set_state(PartitionState::OwnedElsewhere);
             }
             Exit::Drained => {
-                drop(held);
                 tracing::debug!(partition, "above the partition count and drained: released");
                 w.set_state(PartitionState::Idle);
                 // Back as soon as messages appear in it again (the poller hands a window).
@@ -179,7 +201,6 @@ pub async fn run_worker(
                 }
             }
             Exit::Reconnect(e) => {
-                drop(held);
                 tracing::warn!(partition, error = %e, "partition worker lost PostgreSQL; reconnecting");
                 w.set_state(PartitionState::Disconnected {
                     error: e.to_string(),
@@ -218,8 +239,8 @@ impl Worker<'_> {
         self.stopping()
     }
 
-    async fn connect_and_lock(&self) -> Result<Option<Session>> {
-        let client = crate::session::connect(
+    async fn connect_and_claim(&self) -> Result<Option<Session>> {
+        let mut client = crate::session::connect(
             &self.ctx.pg_config,
             &format!(
                 "{} SET application_name = 'outboxd partition {}';",
@@ -229,36 +250,91 @@ impl Worker<'_> {
             "partition worker",
         )
         .await?;
-        let locked: bool = client
-            .query_one(&self.ctx.sql.try_lock_partition, &[&self.partition])
+        let ownership = &self.ctx.ownership;
+        let ttl_ms = i64::try_from(ownership.ttl().as_millis()).unwrap_or(i64::MAX);
+        let sent_at = Instant::now();
+        // The claim commits durably (the session commits asynchronously otherwise): a claim
+        // lost in a crash would hand its epoch out again.
+        let tx = client
+            .transaction()
             .await
-            .map_err(Error::pg("locking the partition"))?
-            .get(0);
-        if !locked {
+            .map_err(Error::pg("claiming the partition lease"))?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
+            .await
+            .map_err(Error::pg("claiming the partition lease"))?;
+        let claimed = tx
+            .query_opt(
+                &self.ctx.sql.claim_lease,
+                &[&self.partition, &ownership.instance(), &ttl_ms],
+            )
+            .await
+            .map_err(Error::pg("claiming the partition lease"))?;
+        tx.commit()
+            .await
+            .map_err(Error::pg("claiming the partition lease"))?;
+        let Some(claimed) = claimed else {
             return Ok(None);
-        }
-        // Prepared once per connection: parsed and planned once, one round trip per call.
-        let read = ReadStatements {
-            batch: client
-                .prepare(&self.ctx.sql.read_batch)
-                .await
-                .map_err(Error::pg("preparing the batch read"))?,
-            late: client
-                .prepare(&self.ctx.sql.read_late)
-                .await
-                .map_err(Error::pg("preparing the late-row read"))?,
         };
-        let delete_batch = client
-            .prepare(&self.ctx.sql.delete_batch)
-            .await
-            .map_err(Error::pg("preparing the batch delete"))?;
-        let incarnation = crate::session::incarnation(&client, &self.ctx.sql).await?;
+        let epoch: i64 = claimed
+            .try_get(0)
+            .map_err(Error::pg("claiming the partition lease"))?;
+        let previous: Option<String> = claimed
+            .try_get(1)
+            .map_err(Error::pg("claiming the partition lease"))?;
+        ownership.claimed(self.partition, epoch, previous.as_deref(), sent_at);
+        // Prepared once per connection: parsed and planned once, one round trip per call.
+        let prepared = async {
+            let read = ReadStatements {
+                batch: client
+                    .prepare(&self.ctx.sql.read_batch)
+                    .await
+                    .map_err(Error::pg("preparing the batch read"))?,
+                late: client
+                    .prepare(&self.ctx.sql.read_late)
+                    .await
+                    .map_err(Error::pg("preparing the late-row read"))?,
+            };
+            let delete_batch = client
+                .prepare(&self.ctx.sql.delete_batch)
+                .await
+                .map_err(Error::pg("preparing the batch delete"))?;
+            let incarnation = crate::session::incarnation(&client, &self.ctx.sql).await?;
+            Ok::<_, Error>((read, delete_batch, incarnation))
+        }
+        .await;
+        let (read, delete_batch, incarnation) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                // Claimed but not usable: the lease runs out (nothing renews it).
+                ownership.dropped(self.partition);
+                return Err(e);
+            }
+        };
         Ok(Some(Session {
             client,
             read,
             delete_batch,
             incarnation,
+            epoch,
         }))
+    }
+
+    /// Gives the lease up (best effort: if it fails, the lease runs out after the TTL).
+    async fn release(&self, session: &Session) {
+        if let Err(e) = session
+            .client
+            .execute(
+                &self.ctx.sql.release_lease,
+                &[
+                    &self.partition,
+                    &self.ctx.ownership.instance(),
+                    &session.epoch,
+                ],
+            )
+            .await
+        {
+            tracing::debug!(partition = self.partition, error = %e, "could not release the lease; it runs out after the TTL");
+        }
     }
 
     async fn work(
@@ -280,8 +356,11 @@ impl Worker<'_> {
             self.ctx.faults.before_batch(self.partition);
             // Between batches (the last one is retired or will be reread), so another
             // instance can take over cleanly.
-            if self.ctx.ownership.release_one(self.partition) {
+            if !self.ctx.ownership.is_mine(self.partition) {
                 return Exit::Release;
+            }
+            if !self.ctx.ownership.is_valid(self.partition, session.epoch) {
+                return Exit::Fenced("the lease was not renewed within its TTL");
             }
             let delivered = mailbox.take();
             if delivered.reset {
@@ -298,7 +377,7 @@ impl Worker<'_> {
             if !reader.has_work() {
                 // Caught up.
                 self.metrics.oldest_age.set(0.0);
-                if !self.ctx.ownership.is_shared(self.partition) {
+                if !self.ctx.ownership.is_below_count(self.partition) {
                     return Exit::Drained;
                 }
                 // Wait for the poller to hand over a window.
@@ -340,11 +419,30 @@ impl Worker<'_> {
             };
             if !acked.is_empty() {
                 let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
-                if let Err(e) = client
-                    .execute(&session.delete_batch, &[&self.partition, &ids])
+                self.ctx.faults.before_retire(self.partition).await;
+                let held = client
+                    .query_one(
+                        &session.delete_batch,
+                        &[
+                            &self.partition,
+                            &ids,
+                            &self.ctx.ownership.instance(),
+                            &session.epoch,
+                        ],
+                    )
                     .await
-                {
-                    return Exit::Reconnect(Error::pg("retiring a published batch")(e));
+                    .and_then(|row| row.try_get::<_, bool>(0));
+                match held {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.ctx.ownership.fencing_rejection();
+                        return Exit::Fenced(
+                            "another instance took the lease over: the batch was not retired (its new owner publishes it again)",
+                        );
+                    }
+                    Err(e) => {
+                        return Exit::Reconnect(Error::pg("retiring a published batch")(e));
+                    }
                 }
                 let now = now_epoch();
                 for row in &acked {

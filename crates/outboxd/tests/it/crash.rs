@@ -181,8 +181,9 @@ async fn a_transaction_id_reused_after_a_crash_is_not_mistaken_for_one_already_s
     proxy.hold("WITH fresh AS");
     pg.start_again();
     let mut client = reconnect(&url).await;
-    // The relay is back: its worker reread the partition and waits for windows; the poller's
-    // first poll is held.
+    // The relay is back: its worker has a session opened after the restart (every new session
+    // rereads its partition from the start) and waits for windows; the poller's first poll is
+    // held.
     wait_until(
         Duration::from_secs(30),
         "the worker reread the partition",
@@ -191,7 +192,8 @@ async fn a_transaction_id_reused_after_a_crash_is_not_mistaken_for_one_already_s
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
                       WHERE application_name = 'outboxd partition 0' AND state = 'idle'
-                        AND (strpos(query, '(SELECT min(id) FROM') > 0 OR query LIKE 'DELETE%')
+                        AND backend_start > pg_postmaster_start_time()
+                        AND strpos(query, 'SELECT pg_current_snapshot()') > 0
                         AND NOT EXISTS (SELECT 1 FROM outbox.message)",
                     &[],
                 )

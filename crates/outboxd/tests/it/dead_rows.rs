@@ -151,10 +151,25 @@ async fn costs_after(retired: i64) -> Costs {
         .map(i64::to_string)
         .collect::<Vec<_>>()
         .join(",");
+    // Retiring needs the partition's lease with the caller's epoch.
+    setup
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {}.partition_lease (partition, owner, epoch, expires_at)
+                 VALUES (0, '00000000-0000-0000-0000-000000000001', 1, 'infinity')
+                 ON CONFLICT (partition) DO UPDATE
+                    SET owner = EXCLUDED.owner, epoch = 1, expires_at = 'infinity'",
+                setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("lease");
     let delete_batch = buffers(
         &setup.client,
         &sql.delete_batch,
-        &format!("0, ARRAY[{ids}]::int8[]"),
+        &format!("0, ARRAY[{ids}]::int8[], '00000000-0000-0000-0000-000000000001', 1"),
     )
     .await;
     let read_batch = buffers(

@@ -9,6 +9,7 @@ mod end_to_end;
 mod guards;
 mod http;
 mod late_commit;
+mod leases;
 mod mappings;
 mod outages;
 mod policies;

@@ -1,0 +1,219 @@
+//! Partition leases: fencing (a worker whose lease was taken over retires nothing), and
+//! hand-overs that do not wait for a lease to expire (a graceful exit releases, a killed
+//! instance drops out of the view at once).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::support::{RunningRelay, Setup, wait_until, write_messages};
+
+/// Every unexpired lease's owner, by partition.
+async fn owners(setup: &Setup) -> BTreeMap<i32, String> {
+    setup
+        .client
+        .query(
+            &format!(
+                "SELECT partition, owner::text FROM {}.partition_lease
+                  WHERE owner IS NOT NULL AND expires_at > now()",
+                setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("leases")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn instance_of(relay: &RunningRelay) -> String {
+    let health: serde_json::Value =
+        serde_json::from_str(&relay.health.to_json()).expect("health json");
+    health["instance"].as_str().unwrap_or_default().to_owned()
+}
+
+fn fencing_rejections(relay: &RunningRelay) -> u64 {
+    let health: serde_json::Value =
+        serde_json::from_str(&relay.health.to_json()).expect("health json");
+    health["fencing_rejections"].as_u64().unwrap_or(0)
+}
+
+/// Waits until each of `relays` holds the leases of `per_instance` of the `count`
+/// partitions, and every partition has an owner.
+async fn wait_balanced(setup: &Setup, relays: &[&RunningRelay], count: i32, what: &str) {
+    wait_until(Duration::from_secs(30), what, || async {
+        let owners = owners(setup).await;
+        let ids: Vec<String> = relays.iter().map(|r| instance_of(r)).collect();
+        let per: Vec<usize> = ids
+            .iter()
+            .map(|id| owners.values().filter(|o| *o == id).count())
+            .collect();
+        (0..count).all(|p| owners.contains_key(&p))
+            && per
+                .iter()
+                .max()
+                .zip(per.iter().min())
+                .is_some_and(|(a, b)| a - b <= 1)
+    })
+    .await;
+}
+
+/// A worker publishes a batch, is held before retiring it (a pause at the worst moment), and
+/// meanwhile another instance takes its lease over. Its retirement must delete nothing: the
+/// message stays for the new owner, which publishes it again (a duplicate, dropped by
+/// `outbox-id`). Without the epoch check in the retiring statement the message would be
+/// retired by a worker that no longer owns the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_lease_was_taken_over_retires_nothing() {
+    let setup = Setup::new(1).await;
+    let topic = outbox_testkit::create_topic("fenced", 1).await;
+    let relay = RunningRelay::start(setup.relay_config());
+    relay.faults.hold_before_retire(0);
+    let ids = write_messages(&setup.outbox, &topic, &[("A".into(), b"a1".to_vec())]).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the worker published A1 and waits before retiring it",
+        || async { relay.faults.holding_before_retire() },
+    )
+    .await;
+    // Another instance takes the lease over (as its claim would, with a higher epoch).
+    let taken = setup
+        .client
+        .execute(
+            &format!(
+                "UPDATE {}.partition_lease
+                    SET owner = '00000000-0000-0000-0000-00000000beef', epoch = epoch + 1,
+                        expires_at = now() + interval '1 hour'
+                  WHERE partition = 0",
+                setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("take the lease over");
+    assert_eq!(taken, 1, "the worker held a lease");
+    relay.faults.release_retire();
+    wait_until(
+        Duration::from_secs(30),
+        "the retirement is refused",
+        || async { fencing_rejections(&relay) == 1 },
+    )
+    .await;
+    // The taker is no live instance, so the worker claims the partition again (a new epoch),
+    // rereads it and publishes A1 a second time before retiring it.
+    setup.wait_drained("A1 retired by the new claim").await;
+    let consumed = outbox_testkit::consume(&topic, 2, Duration::from_secs(30));
+    let a1 = ids["A"][0];
+    let copies = consumed
+        .iter()
+        .filter(|m| crate::support::outbox_id(m) == a1)
+        .count();
+    assert_eq!(
+        copies, 2,
+        "the fenced retirement deleted nothing, so A1 was published again"
+    );
+    let epoch: i64 = setup
+        .client
+        .query_one(
+            &format!(
+                "SELECT epoch FROM {}.partition_lease WHERE partition = 0",
+                setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("epoch")
+        .get(0);
+    assert!(epoch >= 3, "claim, takeover, claim again: epoch {epoch}");
+    relay.stop().await;
+    setup.cleanup().await;
+}
+
+/// A graceful exit releases the leases and deregisters the instance, so the other instance
+/// takes its partitions at once. The TTL is ten minutes: waiting for expiry would fail the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_exit_hands_its_partitions_over_at_once() {
+    let setup = Setup::new(4).await;
+    let config = outboxd::Config {
+        lease_ttl_ms: 600_000,
+        ..setup.relay_config()
+    };
+    let first = RunningRelay::start(config.clone());
+    let second = RunningRelay::start(config);
+    wait_balanced(
+        &setup,
+        &[&first, &second],
+        4,
+        "two instances share 4 partitions",
+    )
+    .await;
+    let first_id = instance_of(&first);
+    first.stop().await;
+    let registered: i64 = setup
+        .client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {}.relay_instance WHERE instance_id = $1::text::uuid",
+                setup.schema
+            ),
+            &[&first_id],
+        )
+        .await
+        .expect("instances")
+        .get(0);
+    assert_eq!(registered, 0, "the stopped instance deregistered");
+    let second_id = instance_of(&second);
+    wait_until(
+        Duration::from_secs(10),
+        "the remaining instance holds every partition",
+        || async {
+            let owners = owners(&setup).await;
+            (0..4).all(|p| owners.get(&p) == Some(&second_id))
+        },
+    )
+    .await;
+    second.stop().await;
+    setup.cleanup().await;
+}
+
+/// A killed instance's session ends, and with it the advisory lock that shows it alive: it
+/// drops out of the view at once and its leases are taken without waiting for them to expire
+/// (the TTL is ten minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_is_taken_over_without_waiting_for_its_leases_to_expire() {
+    let setup = Setup::new(4).await;
+    let topic = outbox_testkit::create_topic("killed", 2).await;
+    let config = outboxd::Config {
+        lease_ttl_ms: 600_000,
+        ..setup.relay_config()
+    };
+    let first = RunningRelay::start(config.clone());
+    let second = RunningRelay::start(config);
+    wait_balanced(
+        &setup,
+        &[&first, &second],
+        4,
+        "two instances share 4 partitions",
+    )
+    .await;
+    first.kill().await;
+    let messages: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("k{}", i % 8), format!("m{i}").into_bytes()))
+        .collect();
+    let expected = write_messages(&setup.outbox, &topic, &messages).await;
+    let second_id = instance_of(&second);
+    wait_until(
+        Duration::from_secs(10),
+        "the survivor holds every partition",
+        || async {
+            let owners = owners(&setup).await;
+            (0..4).all(|p| owners.get(&p) == Some(&second_id))
+        },
+    )
+    .await;
+    setup.wait_drained("every message retired").await;
+    let consumed = outbox_testkit::consume(&topic, 40, Duration::from_secs(30));
+    outbox_testkit::assert_dedup_order(&consumed, &expected);
+    second.stop().await;
+    setup.cleanup().await;
+}
