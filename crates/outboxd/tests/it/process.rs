@@ -182,3 +182,120 @@ async fn kill_9_mid_stream_loses_nothing() {
     );
     setup.cleanup().await;
 }
+
+/// The instance of the relay process `child` (its `relay_instance` row carries the pid), and
+/// the unexpired leases per owner.
+async fn lease_owners(setup: &Setup) -> Vec<(i32, i32)> {
+    setup
+        .client
+        .query(
+            &format!(
+                "SELECT l.partition, i.pid FROM {s}.partition_lease l
+                   JOIN {s}.relay_instance i ON i.instance_id = l.owner
+                  WHERE l.expires_at > now() ORDER BY l.partition",
+                s = setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("leases")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn pid(child: &Child) -> i32 {
+    i32::try_from(child.id()).expect("pid")
+}
+
+/// A paused instance (SIGSTOP) keeps its connections, so only its leases running out can
+/// free its partitions: the other instance takes them over after the TTL and relays
+/// everything. After SIGCONT the paused one finds its leases gone (it stops and claims again
+/// only what the view gives it), the two share the partitions again, and every message
+/// arrives in order after de-duplication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_instance_loses_its_partitions_after_the_lease_ttl_and_rejoins() {
+    let setup = Setup::new(4).await;
+    let topic = outbox_testkit::create_topic("paused", 2).await;
+    let ttl = ["--lease-ttl-ms", "2000"];
+    let mut paused = spawn_relay(&setup, &outbox_testkit::brokers(), &ttl);
+    let mut other = spawn_relay(&setup, &outbox_testkit::brokers(), &ttl);
+    let balanced = |owners: &[(i32, i32)], a: i32, b: i32| {
+        owners.len() == 4
+            && owners.iter().filter(|(_, p)| *p == a).count() == 2
+            && owners.iter().filter(|(_, p)| *p == b).count() == 2
+    };
+    let (a, b) = (pid(&paused), pid(&other));
+    wait_until(
+        Duration::from_secs(30),
+        "two instances share 4 partitions",
+        || async { balanced(&lease_owners(&setup).await, a, b) },
+    )
+    .await;
+    let mut expected = write_messages(&setup.outbox, &topic, &messages(100)).await;
+    setup.wait_drained("first messages").await;
+
+    signal(&paused, "-STOP");
+    let stopped_at = Instant::now();
+    let writer = {
+        let (outbox, topic) = (setup.outbox.clone(), topic.clone());
+        tokio::spawn(async move { write_messages(&outbox, &topic, &messages(200)).await })
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the other instance holds every partition",
+        || async {
+            lease_owners(&setup)
+                .await
+                .iter()
+                .filter(|(_, p)| *p == b)
+                .count()
+                == 4
+        },
+    )
+    .await;
+    println!(
+        "paused instance: partitions taken over {} ms after SIGSTOP (TTL 2000 ms)",
+        stopped_at.elapsed().as_millis()
+    );
+    for (k, v) in writer.await.expect("writer") {
+        expected.entry(k).or_default().extend(v);
+    }
+    setup
+        .wait_drained("messages written while one instance was paused")
+        .await;
+
+    signal(&paused, "-CONT");
+    wait_until(
+        Duration::from_secs(30),
+        "the two share the partitions again",
+        || async { balanced(&lease_owners(&setup).await, a, b) },
+    )
+    .await;
+    for (k, v) in write_messages(&setup.outbox, &topic, &messages(100)).await {
+        expected.entry(k).or_default().extend(v);
+    }
+    setup.wait_drained("messages written after SIGCONT").await;
+    for child in [&paused, &other] {
+        signal(child, "-TERM");
+    }
+    for child in [&mut paused, &mut other] {
+        assert_eq!(
+            wait_exit(child, Duration::from_secs(20)).and_then(|s| s.code()),
+            Some(0)
+        );
+    }
+    let all = tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || outbox_testkit::consume(&topic, 100_000, Duration::from_secs(5))
+    })
+    .await
+    .expect("consume");
+    let dropped = outbox_testkit::assert_dedup_order(&all, &expected);
+    assert_eq!(
+        all.len() - dropped,
+        400,
+        "every message, in order per entity"
+    );
+    setup.cleanup().await;
+}
