@@ -45,9 +45,11 @@ pub struct Statements {
     /// Registers this instance. `$1`: host, `$2`: process id, `$3`: TTL in ms. Returns the
     /// instance id (text).
     pub register_instance: String,
-    /// Keeps this instance alive and renews every lease it still holds. `$1`: instance id,
-    /// `$2`: TTL in ms, `$3`: host, `$4`: process id. Returns the instance's lock key and the
-    /// renewed partitions and their epochs.
+    /// Keeps this instance alive and renews the leases its workers hold, and only those: a
+    /// lease of this instance that no worker holds any more (one that was fenced, or whose
+    /// release failed) runs out instead of being kept alive for ever. `$1`: instance id,
+    /// `$2`: TTL in ms, `$3`: host, `$4`: process id, `$5`: held partitions, `$6`: their
+    /// epochs. Returns the instance's lock key and the renewed partitions and their epochs.
     pub renew_leases: String,
     /// Takes the advisory lock that shows this instance's lease session is alive. `$1`: the
     /// instance's lock key.
@@ -213,10 +215,12 @@ impl Statements {
                      ON CONFLICT (instance_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
                      RETURNING lock_key
                  ), renewed AS (
-                     UPDATE {s}.partition_lease
+                     UPDATE {s}.partition_lease l
                         SET expires_at = now() + $2::int8 * interval '1 millisecond'
-                      WHERE owner = $1::text::uuid AND expires_at > now()
-                     RETURNING partition, epoch
+                       FROM unnest($5::int4[], $6::int8[]) AS h(partition, epoch)
+                      WHERE l.owner = $1::text::uuid AND l.partition = h.partition
+                        AND l.epoch = h.epoch AND l.expires_at > now()
+                     RETURNING l.partition, l.epoch
                  )
                  SELECT (SELECT lock_key FROM instance),
                         (SELECT array_agg(partition ORDER BY partition) FROM renewed),

@@ -167,8 +167,12 @@ pub async fn run_worker(
         w.set_state(PartitionState::Relaying);
         reader.reset(session.incarnation.clone());
         let exit = w.work(&session, &mut reader, &mailbox, &pulse).await;
-        if matches!(exit, Exit::Stop | Exit::Release | Exit::Drained) {
-            // Let the next owner claim it now rather than after the TTL.
+        if matches!(
+            exit,
+            Exit::Stop | Exit::Release | Exit::Drained | Exit::Fenced(_)
+        ) {
+            // Let the next owner claim it now rather than after the TTL (a fenced lease is
+            // released only if it still carries this worker's epoch).
             w.release(&session).await;
         }
         drop(session);

@@ -168,6 +168,11 @@ async fn read_view(
 /// One renewal: registration, the instance lock, every held lease.
 async fn renew(s: &mut Session, sql: &Statements, ownership: &Ownership) -> Result<()> {
     let pid = i32::try_from(std::process::id()).unwrap_or(0);
+    let (held_partitions, held_epochs): (Vec<i32>, Vec<i64>) = ownership
+        .leases()
+        .into_iter()
+        .map(|(p, l)| (p, l.epoch))
+        .unzip();
     let sent_at = Instant::now();
     let row = s
         .client
@@ -178,6 +183,8 @@ async fn renew(s: &mut Session, sql: &Statements, ownership: &Ownership) -> Resu
                 &ttl_ms(ownership),
                 &host_name(),
                 &pid,
+                &held_partitions,
+                &held_epochs,
             ],
         )
         .await

@@ -217,3 +217,45 @@ async fn a_killed_instance_is_taken_over_without_waiting_for_its_leases_to_expir
     second.stop().await;
     setup.cleanup().await;
 }
+
+/// A lease recorded for this instance that none of its workers holds (a worker was fenced,
+/// or its release failed) must run out, not be renewed for ever: otherwise the partition's
+/// owner by the view waits for it for ever. Found by the chaos harness: four partitions with
+/// 1,904 messages stuck behind leases their holder's workers had let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_no_worker_holds_runs_out() {
+    let setup = Setup::new(1).await;
+    let relay = RunningRelay::start(outboxd::Config {
+        lease_ttl_ms: 1_000,
+        ..setup.relay_config()
+    });
+    wait_until(
+        Duration::from_secs(30),
+        "the relay holds partition 0",
+        || async { owners(&setup).await.contains_key(&0) },
+    )
+    .await;
+    let me = instance_of(&relay);
+    setup
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {}.partition_lease (partition, owner, epoch, expires_at)
+                 VALUES (7, $1::text::uuid, 1, now() + interval '1 second')",
+                setup.schema
+            ),
+            &[&me],
+        )
+        .await
+        .expect("a lease no worker holds");
+    wait_until(Duration::from_secs(10), "the lease ran out", || async {
+        !owners(&setup).await.contains_key(&7)
+    })
+    .await;
+    assert!(
+        owners(&setup).await.contains_key(&0),
+        "the lease its worker holds is still renewed"
+    );
+    relay.stop().await;
+    setup.cleanup().await;
+}
