@@ -58,6 +58,35 @@ async fn wait_balanced(setup: &Setup, relays: &[&RunningRelay], count: i32, what
     .await;
 }
 
+/// Two instances with a ten-minute lease TTL (so nothing in a test can pass by waiting for a
+/// lease to expire), once they share 4 partitions.
+async fn two_balanced_instances(setup: &Setup) -> (RunningRelay, RunningRelay) {
+    let config = outboxd::Config {
+        lease_ttl_ms: 600_000,
+        ..setup.relay_config()
+    };
+    let first = RunningRelay::start(config.clone());
+    let second = RunningRelay::start(config);
+    wait_balanced(
+        setup,
+        &[&first, &second],
+        4,
+        "two instances share 4 partitions",
+    )
+    .await;
+    (first, second)
+}
+
+/// Waits (10 s at most) until `relay` holds the leases of all 4 partitions.
+async fn wait_all_owned_by(setup: &Setup, relay: &RunningRelay, what: &str) {
+    let id = instance_of(relay);
+    wait_until(Duration::from_secs(10), what, || async {
+        let owners = owners(setup).await;
+        (0..4).all(|p| owners.get(&p) == Some(&id))
+    })
+    .await;
+}
+
 /// A worker publishes a batch, is held before retiring it (a pause at the worst moment), and
 /// meanwhile another instance takes its lease over. Its retirement must delete nothing: the
 /// message stays for the new owner, which publishes it again (a duplicate, dropped by
@@ -134,19 +163,7 @@ async fn a_worker_whose_lease_was_taken_over_retires_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_exit_hands_its_partitions_over_at_once() {
     let setup = Setup::new(4).await;
-    let config = outboxd::Config {
-        lease_ttl_ms: 600_000,
-        ..setup.relay_config()
-    };
-    let first = RunningRelay::start(config.clone());
-    let second = RunningRelay::start(config);
-    wait_balanced(
-        &setup,
-        &[&first, &second],
-        4,
-        "two instances share 4 partitions",
-    )
-    .await;
+    let (first, second) = two_balanced_instances(&setup).await;
     let first_id = instance_of(&first);
     first.stop().await;
     let registered: i64 = setup
@@ -162,14 +179,10 @@ async fn a_graceful_exit_hands_its_partitions_over_at_once() {
         .expect("instances")
         .get(0);
     assert_eq!(registered, 0, "the stopped instance deregistered");
-    let second_id = instance_of(&second);
-    wait_until(
-        Duration::from_secs(10),
+    wait_all_owned_by(
+        &setup,
+        &second,
         "the remaining instance holds every partition",
-        || async {
-            let owners = owners(&setup).await;
-            (0..4).all(|p| owners.get(&p) == Some(&second_id))
-        },
     )
     .await;
     second.stop().await;
@@ -183,34 +196,13 @@ async fn a_graceful_exit_hands_its_partitions_over_at_once() {
 async fn a_killed_instance_is_taken_over_without_waiting_for_its_leases_to_expire() {
     let setup = Setup::new(4).await;
     let topic = outbox_testkit::create_topic("killed", 2).await;
-    let config = outboxd::Config {
-        lease_ttl_ms: 600_000,
-        ..setup.relay_config()
-    };
-    let first = RunningRelay::start(config.clone());
-    let second = RunningRelay::start(config);
-    wait_balanced(
-        &setup,
-        &[&first, &second],
-        4,
-        "two instances share 4 partitions",
-    )
-    .await;
+    let (first, second) = two_balanced_instances(&setup).await;
     first.kill().await;
     let messages: Vec<(String, Vec<u8>)> = (0..40)
         .map(|i| (format!("k{}", i % 8), format!("m{i}").into_bytes()))
         .collect();
     let expected = write_messages(&setup.outbox, &topic, &messages).await;
-    let second_id = instance_of(&second);
-    wait_until(
-        Duration::from_secs(10),
-        "the survivor holds every partition",
-        || async {
-            let owners = owners(&setup).await;
-            (0..4).all(|p| owners.get(&p) == Some(&second_id))
-        },
-    )
-    .await;
+    wait_all_owned_by(&setup, &second, "the survivor holds every partition").await;
     setup.wait_drained("every message retired").await;
     let consumed = outbox_testkit::consume(&topic, 40, Duration::from_secs(30));
     outbox_testkit::assert_dedup_order(&consumed, &expected);
