@@ -53,6 +53,9 @@ pub enum Outcome {
     },
     /// Shutdown interrupted the retries.
     Stopped,
+    /// The lease was taken over while a refused message was being moved aside: nothing was
+    /// moved, and this worker must stop.
+    Fenced,
 }
 
 /// After this long without acknowledgements, the partition shows as retrying (Kafka is
@@ -276,7 +279,8 @@ impl Worker<'_> {
     }
 
     /// Applies `row`'s topic policy to it and updates `pending`; returns the outcome that ends
-    /// the delivery (`block`), or `None` to go on.
+    /// the delivery (`block`, or a move refused because the lease was taken over), or `None`
+    /// to go on.
     async fn refused(
         &self,
         client: &Client,
@@ -297,15 +301,23 @@ impl Worker<'_> {
                 Ok(Some(Outcome::Blocked { message_id: row.id }))
             }
             ErrorPolicy::DeadLetter => {
-                self.move_aside(client, row, &error, ErrorPolicy::DeadLetter)
-                    .await?;
+                if !self
+                    .move_aside(client, row, &error, ErrorPolicy::DeadLetter)
+                    .await?
+                {
+                    return Ok(Some(Outcome::Fenced));
+                }
                 self.metrics.dead_lettered.increment(1);
                 pending.retain(|r| r.id != row.id);
                 Ok(None)
             }
             ErrorPolicy::ParkEntity => {
-                self.move_aside(client, row, &error, ErrorPolicy::ParkEntity)
-                    .await?;
+                if !self
+                    .move_aside(client, row, &error, ErrorPolicy::ParkEntity)
+                    .await?
+                {
+                    return Ok(Some(Outcome::Fenced));
+                }
                 self.metrics.parked.increment(1);
                 // The entity's later messages stay in the table, held back (below the
                 // reader's cursor: when the entity is unparked, the reader sees the parked
@@ -316,34 +328,51 @@ impl Worker<'_> {
         }
     }
 
-    /// Moves `row` to the dead-letter table (and parks its entity, for `park_entity`).
+    /// Moves `row` to the dead-letter table (and parks its entity, for `park_entity`), only
+    /// while this worker's lease holds. Returns false when it was fenced (nothing moved).
     async fn move_aside(
         &self,
         client: &Client,
         row: &OutboxRow,
         error: &str,
         policy: ErrorPolicy,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        self.ctx.faults.before_write(self.partition).await;
         let sql = &self.ctx.sql;
+        let instance = self.ctx.ownership.instance();
         let result = match policy {
             ErrorPolicy::ParkEntity => {
                 client
-                    .execute(&sql.park_message, &[&self.partition, &row.id, &error])
+                    .query_one(
+                        &sql.park_message,
+                        &[&self.partition, &row.id, &error, &instance, &self.epoch],
+                    )
                     .await
             }
             _ => {
                 client
-                    .execute(
+                    .query_one(
                         &sql.dead_letter,
-                        &[&self.partition, &row.id, &"dead_letter", &error],
+                        &[
+                            &self.partition,
+                            &row.id,
+                            &"dead_letter",
+                            &error,
+                            &instance,
+                            &self.epoch,
+                        ],
                     )
                     .await
             }
         };
-        result.map_err(Error::pg("moving a refused message to dead_letter"))?;
-        tracing::warn!(partition = self.partition, message_id = row.id, entity_key = %row.entity_key,
-            topic = %row.topic, %error, %policy, "message moved to dead_letter");
-        Ok(())
+        let held: bool = result
+            .and_then(|r| r.try_get(0))
+            .map_err(Error::pg("moving a refused message to dead_letter"))?;
+        if held {
+            tracing::warn!(partition = self.partition, message_id = row.id, entity_key = %row.entity_key,
+                topic = %row.topic, %error, %policy, "message moved to dead_letter");
+        }
+        Ok(held)
     }
 }
 

@@ -1,6 +1,7 @@
 //! Faults a test can inject into a running relay: a panic in a partition worker (what
 //! supervision must survive; no input can cause one on purpose), and a worker held between
-//! publishing a batch and retiring it (a pause at the worst moment, to prove fencing).
+//! publishing a batch and writing its outcome (a pause at the worst moment, to prove
+//! fencing).
 //! Production code never arms anything; an unarmed check is one atomic load.
 
 use std::collections::HashSet;
@@ -26,25 +27,27 @@ impl Faults {
         self.armed.store(true, Ordering::SeqCst);
     }
 
-    /// Makes the worker of `partition` wait, once, after its next batch was published and
-    /// before it is retired, until [`Faults::release_retire`].
-    pub fn hold_before_retire(&self, partition: i32) {
+    /// Makes the worker of `partition` wait, once, after it published its next batch and
+    /// before it writes its outcome to the database (retires the batch, or moves a refused
+    /// message aside), until [`Faults::release_write`].
+    pub fn hold_before_write(&self, partition: i32) {
         lock(&self.hold_partitions).insert(partition);
         self.armed.store(true, Ordering::SeqCst);
     }
 
-    /// True while a worker waits in [`Faults::hold_before_retire`].
-    pub fn holding_before_retire(&self) -> bool {
+    /// True while a worker waits in [`Faults::hold_before_write`].
+    pub fn holding_before_write(&self) -> bool {
         self.holding.load(Ordering::SeqCst)
     }
 
     /// Lets the held worker go on.
-    pub fn release_retire(&self) {
+    pub fn release_write(&self) {
         self.release.notify_waiters();
     }
 
-    /// Called by the worker of `partition` before it retires a published batch.
-    pub(crate) async fn before_retire(&self, partition: i32) {
+    /// Called by the worker of `partition` before it retires a published batch or moves a
+    /// refused message aside.
+    pub(crate) async fn before_write(&self, partition: i32) {
         if !self.armed.load(Ordering::Relaxed) || !lock(&self.hold_partitions).remove(&partition) {
             return;
         }

@@ -94,14 +94,16 @@ pub struct Statements {
     /// behind a long transaction. `$1`: partition, `$2`: ids, `$3`: instance id, `$4`:
     /// epoch. Returns whether the lease was held.
     pub delete_batch: String,
-    /// Moves one message to `dead_letter`. `$1`: partition, `$2`: id, `$3`: policy,
-    /// `$4`: error. Returns the moved id (no row when it was already gone).
+    /// Moves one message to `dead_letter`, only while the worker's lease holds (fencing, as
+    /// for `delete_batch`). `$1`: partition, `$2`: id, `$3`: policy, `$4`: error, `$5`:
+    /// instance id, `$6`: epoch. Returns whether the lease was held.
     pub dead_letter: String,
     /// Moves one message to `dead_letter` by id alone, for `outboxd skip`. `$1`: id,
     /// `$2`: reason.
     pub skip_message: String,
-    /// Moves one message to `dead_letter` and parks its entity, atomically. `$1`:
-    /// partition, `$2`: id, `$3`: error.
+    /// Moves one message to `dead_letter` and parks its entity, atomically, only while the
+    /// worker's lease holds. `$1`: partition, `$2`: id, `$3`: error, `$4`: instance id,
+    /// `$5`: epoch. Returns whether the lease was held.
     pub park_message: String,
     /// Releases a parked entity and bumps `parked_epoch` so relays reread. `$1`: entity key.
     /// Returns one row when the entity was parked.
@@ -141,9 +143,50 @@ pub struct Statements {
 /// One statement that deletes the message(s) matching `condition`, copies them into
 /// `dead_letter` with `policy` and `error` (SQL expressions), then runs `then` over the CTE
 /// `dead(id, entity_key)` of what was moved.
-fn move_to_dead_letter(s: &str, condition: &str, policy: &str, error: &str, then: &str) -> String {
+/// The CTE `lease`: the partition's lease row, share-locked, when it still carries the
+/// worker's instance and epoch and has not expired (fencing; see `delete_batch`).
+fn lease_cte(s: &str, partition: &str, instance: &str, epoch: &str) -> String {
     format!(
-        "WITH moved AS (
+        "lease AS (
+             SELECT 1 FROM {s}.partition_lease
+              WHERE partition = {partition}::int4 AND owner = {instance}::text::uuid
+                AND epoch = {epoch}::int8 AND expires_at > now()
+                FOR SHARE
+         )"
+    )
+}
+
+/// A relay worker's move to `dead_letter`: only while its lease holds (`fence`, a `lease`
+/// CTE); returns whether it held.
+fn fenced_move(
+    s: &str,
+    condition: &str,
+    policy: &str,
+    error: &str,
+    also: &str,
+    fence: &str,
+) -> String {
+    move_to_dead_letter(
+        s,
+        &format!("{condition} AND EXISTS (SELECT 1 FROM lease)"),
+        policy,
+        error,
+        &format!("{also} SELECT EXISTS (SELECT 1 FROM lease)"),
+        Some(fence),
+    )
+}
+
+fn move_to_dead_letter(
+    s: &str,
+    condition: &str,
+    policy: &str,
+    error: &str,
+    then: &str,
+    fence: Option<&str>,
+) -> String {
+    let fence = fence.map_or_else(String::new, |f| format!("{f}, "));
+    format!(
+        "WITH {fence}moved AS (
              DELETE FROM {s}.message WHERE {condition} RETURNING *
          ), dead AS (
              INSERT INTO {s}.dead_letter (id, partition, topic, entity_key, kafka_key,
@@ -280,12 +323,7 @@ impl Statements {
                   LIMIT $4::int8"
             ),
             delete_batch: format!(
-                "WITH lease AS (
-                     SELECT 1 FROM {s}.partition_lease
-                      WHERE partition = $1::int4 AND owner = $3::text::uuid
-                        AND epoch = $4::int8 AND expires_at > now()
-                        FOR SHARE
-                 ), retired AS (
+                "WITH {lease}, retired AS (
                      DELETE FROM {s}.message
                       WHERE ctid = ANY (ARRAY(
                             SELECT (SELECT m.ctid FROM {s}.message m
@@ -293,14 +331,16 @@ impl Statements {
                               FROM unnest($2::int8[]) AS d(id)))
                         AND EXISTS (SELECT 1 FROM lease)
                  )
-                 SELECT EXISTS (SELECT 1 FROM lease)"
+                 SELECT EXISTS (SELECT 1 FROM lease)",
+                lease = lease_cte(s, "$1", "$3", "$4")
             ),
-            dead_letter: move_to_dead_letter(
+            dead_letter: fenced_move(
                 s,
                 "partition = $1::int4 AND id = $2::int8",
                 "$3::text",
                 "$4::text",
-                "SELECT id FROM dead",
+                "",
+                &lease_cte(s, "$1", "$5", "$6"),
             ),
             skip_message: move_to_dead_letter(
                 s,
@@ -308,17 +348,21 @@ impl Statements {
                 "'skip'",
                 "$2::text",
                 "SELECT id FROM dead",
+                None,
             ),
-            park_message: move_to_dead_letter(
+            park_message: fenced_move(
                 s,
                 "partition = $1::int4 AND id = $2::int8",
                 "'park_entity'",
                 "$3::text",
                 &format!(
-                    "INSERT INTO {s}.parked_entity (entity_key, message_id, error)
-                     SELECT entity_key, id, $3::text FROM dead
-                     ON CONFLICT (entity_key) DO NOTHING"
+                    ", parked AS (
+                         INSERT INTO {s}.parked_entity (entity_key, message_id, error)
+                         SELECT entity_key, id, $3::text FROM dead
+                         ON CONFLICT (entity_key) DO NOTHING
+                     )"
                 ),
+                &lease_cte(s, "$1", "$4", "$5"),
             ),
             unpark_entity: format!(
                 "WITH released AS (

@@ -77,6 +77,8 @@ enum Exit {
 /// One partition worker's own state; `delivery` adds the delivery of a batch.
 pub(crate) struct Worker<'a> {
     pub(crate) partition: i32,
+    /// The epoch of the lease this worker holds (0 while it holds none).
+    pub(crate) epoch: i64,
     pub(crate) ctx: &'a WorkerContext,
     pub(crate) metrics: PartitionMetrics,
     stop: watch::Receiver<bool>,
@@ -107,6 +109,7 @@ pub async fn run_worker(
 ) {
     let mut w = Worker {
         partition,
+        epoch: 0,
         metrics: PartitionMetrics::new(&ctx.config.schema, partition),
         ctx: &ctx,
         stop,
@@ -163,6 +166,7 @@ pub async fn run_worker(
             ownership: &ctx.ownership,
             partition,
         };
+        w.epoch = session.epoch;
         tracing::debug!(partition, epoch = session.epoch, "partition lease claimed");
         w.set_state(PartitionState::Relaying);
         reader.reset(session.incarnation.clone());
@@ -423,7 +427,7 @@ impl Worker<'_> {
             };
             if !acked.is_empty() {
                 let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
-                self.ctx.faults.before_retire(self.partition).await;
+                self.ctx.faults.before_write(self.partition).await;
                 let held = client
                     .query_one(
                         &session.delete_batch,
@@ -466,6 +470,12 @@ impl Worker<'_> {
                     self.set_state(PartitionState::Relaying);
                 }
                 Outcome::Stopped => return Exit::Stop,
+                Outcome::Fenced => {
+                    self.ctx.ownership.fencing_rejection();
+                    return Exit::Fenced(
+                        "another instance took the lease over: the refused message was not moved aside",
+                    );
+                }
                 Outcome::Blocked { message_id } => {
                     blocked = Some(message_id);
                     // Reread from the database on the next try: an operator may have moved

@@ -87,25 +87,9 @@ async fn wait_all_owned_by(setup: &Setup, relay: &RunningRelay, what: &str) {
     .await;
 }
 
-/// A worker publishes a batch, is held before retiring it (a pause at the worst moment), and
-/// meanwhile another instance takes its lease over. Its retirement must delete nothing: the
-/// message stays for the new owner, which publishes it again (a duplicate, dropped by
-/// `outbox-id`). Without the epoch check in the retiring statement the message would be
-/// retired by a worker that no longer owns the partition.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_whose_lease_was_taken_over_retires_nothing() {
-    let setup = Setup::new(1).await;
-    let topic = outbox_testkit::create_topic("fenced", 1).await;
-    let relay = RunningRelay::start(setup.relay_config());
-    relay.faults.hold_before_retire(0);
-    let ids = write_messages(&setup.outbox, &topic, &[("A".into(), b"a1".to_vec())]).await;
-    wait_until(
-        Duration::from_secs(30),
-        "the worker published A1 and waits before retiring it",
-        || async { relay.faults.holding_before_retire() },
-    )
-    .await;
-    // Another instance takes the lease over (as its claim would, with a higher epoch).
+/// Another instance (not a live one) takes partition 0's lease over, as its claim would:
+/// a new owner and a higher epoch.
+async fn take_lease_over(setup: &Setup) {
     let taken = setup
         .client
         .execute(
@@ -121,7 +105,28 @@ async fn a_worker_whose_lease_was_taken_over_retires_nothing() {
         .await
         .expect("take the lease over");
     assert_eq!(taken, 1, "the worker held a lease");
-    relay.faults.release_retire();
+}
+
+/// A worker publishes a batch, is held before retiring it (a pause at the worst moment), and
+/// meanwhile another instance takes its lease over. Its retirement must delete nothing: the
+/// message stays for the new owner, which publishes it again (a duplicate, dropped by
+/// `outbox-id`). Without the epoch check in the retiring statement the message would be
+/// retired by a worker that no longer owns the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_lease_was_taken_over_retires_nothing() {
+    let setup = Setup::new(1).await;
+    let topic = outbox_testkit::create_topic("fenced", 1).await;
+    let relay = RunningRelay::start(setup.relay_config());
+    relay.faults.hold_before_write(0);
+    let ids = write_messages(&setup.outbox, &topic, &[("A".into(), b"a1".to_vec())]).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the worker published A1 and waits before retiring it",
+        || async { relay.faults.holding_before_write() },
+    )
+    .await;
+    take_lease_over(&setup).await;
+    relay.faults.release_write();
     wait_until(
         Duration::from_secs(30),
         "the retirement is refused",
@@ -249,5 +254,123 @@ async fn a_lease_no_worker_holds_runs_out() {
         "the lease its worker holds is still renewed"
     );
     relay.stop().await;
+    setup.cleanup().await;
+}
+
+/// The same for a message Kafka refuses for good under `dead_letter`: a worker held before
+/// moving it aside while another instance takes its lease over moves nothing; the message
+/// is moved once, by the claim that follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_lease_was_taken_over_moves_nothing_aside() {
+    let setup = Setup::new(1).await;
+    let mut config = outboxd::Config {
+        on_error: outboxd::config::ErrorPolicy::DeadLetter,
+        ..setup.relay_config()
+    };
+    config
+        .kafka
+        .insert("topic.metadata.propagation.max.ms".into(), "1000".into());
+    let relay = RunningRelay::start(config);
+    relay.faults.hold_before_write(0);
+    let missing = outbox_testkit::unique_name("missing-topic");
+    write_messages(&setup.outbox, &missing, &[("A".into(), b"a1".to_vec())]).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the worker was refused A1 and waits before moving it aside",
+        || async { relay.faults.holding_before_write() },
+    )
+    .await;
+    take_lease_over(&setup).await;
+    relay.faults.release_write();
+    wait_until(Duration::from_secs(30), "the move is refused", || async {
+        fencing_rejections(&relay) == 1
+    })
+    .await;
+    setup.wait_drained("A1 moved aside by the new claim").await;
+    let moved: i64 = setup
+        .client
+        .query_one(
+            &format!("SELECT count(*) FROM {}.dead_letter", setup.schema),
+            &[],
+        )
+        .await
+        .expect("dead letters")
+        .get(0);
+    assert_eq!(moved, 1, "moved once, by the worker that held the lease");
+    relay.stop().await;
+    setup.cleanup().await;
+}
+
+/// Every statement by which a worker writes the outcome of a publication (retiring, moving to
+/// `dead_letter`, parking) changes nothing unless the lease carries the worker's instance and
+/// epoch, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writing_statements_change_nothing_without_the_lease() {
+    let setup = Setup::new(1).await;
+    let sql = outboxd::sql::Statements::new(&setup.schema);
+    let owner = "00000000-0000-0000-0000-0000000000aa";
+    setup
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {}.partition_lease (partition, owner, epoch, expires_at)
+                 VALUES (0, $1::text::uuid, 5, now() + interval '1 hour')",
+                setup.schema
+            ),
+            &[&owner],
+        )
+        .await
+        .expect("lease");
+    let ids = write_messages(
+        &setup.outbox,
+        "any-topic",
+        &[("A".into(), b"a".to_vec()), ("B".into(), b"b".to_vec())],
+    )
+    .await;
+    let (a, b) = (ids["A"][0], ids["B"][0]);
+    let (c, sql) = (&setup.client, &sql);
+    let stale: i64 = 4;
+    let current: i64 = 5;
+    let retire = |epoch: i64| async move {
+        c.query_one(&sql.delete_batch, &[&0i32, &vec![a], &owner, &epoch])
+            .await
+            .expect("retire")
+            .get::<_, bool>(0)
+    };
+    let dead_letter = |epoch: i64| async move {
+        c.query_one(
+            &sql.dead_letter,
+            &[&0i32, &b, &"dead_letter", &"refused", &owner, &epoch],
+        )
+        .await
+        .expect("dead letter")
+        .get::<_, bool>(0)
+    };
+    let park = |epoch: i64| async move {
+        c.query_one(&sql.park_message, &[&0i32, &b, &"refused", &owner, &epoch])
+            .await
+            .expect("park")
+            .get::<_, bool>(0)
+    };
+    assert!(!retire(stale).await, "a stale epoch is fenced");
+    assert!(!dead_letter(stale).await, "a stale epoch is fenced");
+    assert!(!park(stale).await, "a stale epoch is fenced");
+    assert_eq!(setup.remaining().await, 2, "nothing was retired or moved");
+    let parked: i64 = c
+        .query_one(
+            &format!("SELECT count(*) FROM {}.parked_entity", setup.schema),
+            &[],
+        )
+        .await
+        .expect("parked")
+        .get(0);
+    assert_eq!(parked, 0, "nothing was parked");
+    assert!(retire(current).await);
+    assert!(park(current).await);
+    assert_eq!(
+        setup.remaining().await,
+        0,
+        "the lease holder retires and moves"
+    );
     setup.cleanup().await;
 }
