@@ -36,6 +36,10 @@ pub struct Config {
     /// How long, after SIGTERM/SIGINT, in-flight batches may take to finish, in ms.
     /// Default: 10000.
     pub shutdown_timeout_ms: u64,
+    /// How many PostgreSQL sessions the partition workers share, whatever the number of
+    /// partitions this instance owns (the relay opens three more: wake-up poller, lease task,
+    /// mapping cleanup). Default: 8.
+    pub pool_size: usize,
     /// How long a partition lease lasts without renewal, in ms: a paused or unreachable
     /// instance's partitions are taken over after about this long (a killed one's at once).
     /// Leases are renewed every third of it. Default: 10000.
@@ -122,6 +126,7 @@ impl Default for Config {
             retry_max_ms: 10_000,
             shutdown_timeout_ms: 10_000,
             lease_ttl_ms: 10_000,
+            pool_size: 8,
             mapping_cleanup_interval_ms: 60_000,
             mapping_ttl_s: 86_400,
             http_listen: String::new(),
@@ -228,6 +233,12 @@ impl Config {
         }
         if let Err(e) = outbox::Schema::new(self.schema.clone()) {
             problems.push(format!("schema: {e}"));
+        }
+        if !(1..=1_000).contains(&self.pool_size) {
+            problems.push(format!(
+                "pool_size must be 1..=1000, got {}",
+                self.pool_size
+            ));
         }
         if !(1..=100_000).contains(&self.batch_size) {
             problems.push(format!(

@@ -31,7 +31,6 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::config::ErrorPolicy;
@@ -145,7 +144,6 @@ impl Worker<'_> {
     /// it ended.
     pub(crate) async fn deliver<'b>(
         &mut self,
-        client: &Client,
         batch: &'b [OutboxRow],
         blocked: Option<i64>,
     ) -> Result<(Vec<&'b OutboxRow>, Outcome)> {
@@ -179,9 +177,7 @@ impl Worker<'_> {
                         pending.remove(0);
                     }
                     Verdict::Refused(fault) => {
-                        if let Some(outcome) =
-                            self.refused(client, first, &fault, &mut pending).await?
-                        {
+                        if let Some(outcome) = self.refused(first, &fault, &mut pending).await? {
                             return Ok((acked, outcome));
                         }
                     }
@@ -283,7 +279,6 @@ impl Worker<'_> {
     /// to go on.
     async fn refused(
         &self,
-        client: &Client,
         row: &OutboxRow,
         fault: &Fault,
         pending: &mut Vec<&OutboxRow>,
@@ -302,7 +297,7 @@ impl Worker<'_> {
             }
             ErrorPolicy::DeadLetter => {
                 if !self
-                    .move_aside(client, row, &error, ErrorPolicy::DeadLetter)
+                    .move_aside(row, &error, ErrorPolicy::DeadLetter)
                     .await?
                 {
                     return Ok(Some(Outcome::Fenced));
@@ -313,7 +308,7 @@ impl Worker<'_> {
             }
             ErrorPolicy::ParkEntity => {
                 if !self
-                    .move_aside(client, row, &error, ErrorPolicy::ParkEntity)
+                    .move_aside(row, &error, ErrorPolicy::ParkEntity)
                     .await?
                 {
                     return Ok(Some(Outcome::Fenced));
@@ -329,15 +324,12 @@ impl Worker<'_> {
     }
 
     /// Moves `row` to the dead-letter table (and parks its entity, for `park_entity`), only
-    /// while this worker's lease holds. Returns false when it was fenced (nothing moved).
-    async fn move_aside(
-        &self,
-        client: &Client,
-        row: &OutboxRow,
-        error: &str,
-        policy: ErrorPolicy,
-    ) -> Result<bool> {
+    /// while this worker's lease holds, on a session of the pool. Returns false when it was
+    /// fenced (nothing moved).
+    async fn move_aside(&self, row: &OutboxRow, error: &str, policy: ErrorPolicy) -> Result<bool> {
         self.ctx.faults.before_write(self.partition).await;
+        let session = self.ctx.sessions.checkout().await?;
+        let client = &session.client;
         let sql = &self.ctx.sql;
         let instance = self.ctx.ownership.instance();
         let result = match policy {
@@ -365,6 +357,9 @@ impl Worker<'_> {
                     .await
             }
         };
+        if result.is_err() {
+            session.discard();
+        }
         let held: bool = result
             .and_then(|r| r.try_get(0))
             .map_err(Error::pg("moving a refused message to dead_letter"))?;

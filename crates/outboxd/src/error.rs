@@ -43,6 +43,9 @@ pub enum Error {
         "postgres: the relay_incarnation token could not be read; is the schema migrated (outboxd migrate)?"
     )]
     Incarnation,
+    /// The worker session pool was closed (the relay is shutting down).
+    #[error("the relay's session pool is closed")]
+    PoolClosed,
     /// The database is in a state that would break the relay's guarantees; every problem
     /// found is listed with its fix.
     #[error("the relay refuses to start:\n  - {}", .0.join("\n  - "))]

@@ -65,14 +65,9 @@ pub async fn check_id_sequence(client: &Client, sql: &Statements) -> Result<()> 
     }
 }
 
-/// Partitions above this many per instance make the relay open more connections than a
-/// typical server should give one client (until partition ownership shares connections).
-const MANY_PARTITIONS: i32 = 256;
-
 /// Warns when this relay instance would open more PostgreSQL connections than the server has
-/// free: it opens one per partition it works, plus its poller, mapping cleanup and startup
-/// connection.
-pub async fn warn_about_connections(client: &Client, sql: &Statements, partitions: i32) {
+/// free: its workers' pool, plus its poller, lease task and mapping cleanup.
+pub async fn warn_about_connections(client: &Client, sql: &Statements, pool_size: usize) {
     let free: Option<i64> = match client.query_one(&sql.free_connections, &[]).await {
         Ok(row) => row.try_get(0).ok(),
         Err(e) => {
@@ -80,21 +75,20 @@ pub async fn warn_about_connections(client: &Client, sql: &Statements, partition
             None
         }
     };
-    if let Some(text) = connection_warning(partitions, free) {
+    if let Some(text) = connection_warning(pool_size, free) {
         tracing::warn!("{text}");
     }
 }
 
-/// The warning for `partitions` partitions when the server has `free` connections left, if
-/// one is due.
-fn connection_warning(partitions: i32, free: Option<i64>) -> Option<String> {
-    let needed = i64::from(partitions) + 3;
+/// The warning for a pool of `pool_size` when the server has `free` connections left, if one
+/// is due.
+fn connection_warning(pool_size: usize, free: Option<i64>) -> Option<String> {
+    let needed = i64::try_from(pool_size)
+        .unwrap_or(i64::MAX)
+        .saturating_add(3);
     match free {
         Some(free) if needed > free => Some(format!(
-            "this relay opens one PostgreSQL connection per partition it works ({partitions} partitions: {needed} connections with its own), but the server has {free} free: lower settings.partition_count, run more instances, or raise max_connections"
-        )),
-        _ if partitions > MANY_PARTITIONS => Some(format!(
-            "{partitions} partitions: this relay opens one PostgreSQL connection per partition it works; consider fewer partitions or more instances"
+            "this relay opens up to {needed} PostgreSQL connections (pool_size {pool_size} plus 3 of its own), but the server has {free} free: lower pool_size or raise max_connections"
         )),
         _ => None,
     }
@@ -105,12 +99,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn warns_when_the_server_has_too_few_connections_or_partitions_are_many() {
-        assert!(connection_warning(16, Some(100)).is_none());
-        assert!(connection_warning(16, None).is_none());
+    fn warns_when_the_server_has_too_few_connections() {
+        assert!(connection_warning(8, Some(100)).is_none());
+        assert!(connection_warning(8, None).is_none());
         let tight = connection_warning(98, Some(100)).expect("98 + 3 > 100");
         assert!(tight.contains("100 free"), "{tight}");
-        let many = connection_warning(1024, Some(10_000)).expect("many partitions");
-        assert!(many.contains("1024 partitions"), "{many}");
     }
 }

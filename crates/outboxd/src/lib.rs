@@ -35,6 +35,7 @@ pub mod publisher;
 pub mod reader;
 pub mod relay;
 pub mod session;
+mod sessions;
 pub mod sql;
 mod startup;
 pub mod supervisor;

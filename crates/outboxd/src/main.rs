@@ -50,6 +50,9 @@ struct Cli {
     /// Time in-flight batches get after SIGTERM/SIGINT, in ms [default: 10000].
     #[arg(long, env = "OUTBOXD_SHUTDOWN_TIMEOUT_MS", global = true)]
     shutdown_timeout_ms: Option<u64>,
+    /// PostgreSQL sessions the partition workers share [default: 8].
+    #[arg(long, env = "OUTBOXD_POOL_SIZE", global = true)]
+    pool_size: Option<usize>,
     /// How long a partition lease lasts without renewal, in ms [default: 10000].
     #[arg(long, env = "OUTBOXD_LEASE_TTL_MS", global = true)]
     lease_ttl_ms: Option<u64>,
@@ -134,6 +137,9 @@ impl Cli {
         }
         if let Some(v) = self.lease_ttl_ms {
             config.lease_ttl_ms = v;
+        }
+        if let Some(v) = self.pool_size {
+            config.pool_size = v;
         }
         if let Some(v) = self.mapping_cleanup_interval_ms {
             config.mapping_cleanup_interval_ms = v;

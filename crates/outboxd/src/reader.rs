@@ -177,6 +177,11 @@ impl PartitionReader {
         self.late = None;
     }
 
+    /// The incarnation of the database this reader's windows belong to.
+    pub fn incarnation(&self) -> &Incarnation {
+        &self.incarnation
+    }
+
     /// Hands over a window found by the poller. A window whose snapshot was taken in another
     /// incarnation of the database is refused (returns false): its transaction ids may have
     /// been handed out again since. Dropping it loses nothing: the rows it stood for were

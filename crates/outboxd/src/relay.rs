@@ -106,8 +106,15 @@ async fn run_relay(
     let served = Arc::new(Served::new(MAX_PARTITIONS, partitions));
     let (spawn_tx, mut spawn_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
     let pulse = Arc::new(PollerPulse::default());
+    let sessions = Arc::new(crate::sessions::SessionPool::new(
+        pg_config.clone(),
+        sql.clone(),
+        &schema,
+        config.pool_size,
+    ));
     let ctx = Arc::new(WorkerContext {
         pg_config: pg_config.clone(),
+        sessions,
         sql: sql.clone(),
         publisher: Arc::new(publisher),
         config,

@@ -81,7 +81,7 @@ async fn read(config: &Config) -> Result<Started> {
         .try_get::<_, Option<i32>>(0)
         .map_err(Error::pg("reading the partition count"))?
         .ok_or(Error::SettingsMissing)?;
-    crate::guards::warn_about_connections(&control, &sql, partitions).await;
+    crate::guards::warn_about_connections(&control, &sql, config.pool_size).await;
     let max_record_bytes: i32 = control
         .query_one(&sql.max_record_bytes, &[])
         .await

@@ -1,15 +1,16 @@
 //! One virtual partition's worker: claims the partition's lease when the shared view makes
 //! its instance the owner (`ownership`), then loops read a batch -> deliver it (`delivery`)
 //! -> retire what Kafka acknowledged, strictly one batch at a time so that order holds, and
-//! only while the lease carries its epoch. When PostgreSQL goes away the worker reconnects
-//! with backoff and rereads the partition from its start, so nothing is lost (a batch whose
-//! delete did not happen is published again: at least once).
+//! only while the lease carries its epoch. It takes a session from the instance's bounded
+//! pool (`sessions`) only while it has work. When a statement fails (PostgreSQL went away)
+//! the worker claims the partition again with backoff and rereads it from its start, so
+//! nothing is lost (a batch whose delete did not happen is published again: at least once);
+//! it rereads as well when a session talks to another incarnation of the database.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
-use tokio_postgres::{Client, Statement};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -20,15 +21,17 @@ use crate::health::{Health, PartitionState};
 use crate::metrics::PartitionMetrics;
 use crate::ownership::Ownership;
 use crate::publisher::Publisher;
-use crate::reader::{PartitionReader, ReadStatements};
-use crate::session::Incarnation;
+use crate::reader::PartitionReader;
+use crate::sessions::{Checkout, SessionPool};
 use crate::sql::Statements;
 use crate::wakeup::{Mailbox, PollerPulse};
 
 /// What every worker shares.
 pub struct WorkerContext {
-    /// Connection settings for the worker's own connection.
+    /// Connection settings, for the relay's other tasks.
     pub pg_config: tokio_postgres::Config,
+    /// The workers' bounded pool of sessions.
+    pub sessions: Arc<SessionPool>,
     /// The SQL texts.
     pub sql: Statements,
     /// The Kafka producers.
@@ -41,18 +44,6 @@ pub struct WorkerContext {
     pub ownership: Arc<Ownership>,
     /// Faults a test asked for (see `faults`); none in production.
     pub faults: Arc<Faults>,
-}
-
-/// A worker's connection, with the statements it runs for every batch prepared, and the
-/// lease it claimed.
-struct Session {
-    client: Client,
-    read: ReadStatements,
-    delete_batch: Statement,
-    /// The database incarnation this connection talks to.
-    incarnation: Incarnation,
-    /// The epoch of the partition's lease this worker holds.
-    epoch: i64,
 }
 
 /// How often a worker whose instance should own the partition tries to claim it while
@@ -72,6 +63,16 @@ enum Exit {
     /// The partition is at or above the partition count and drained: let it go, so that it
     /// holds no connection and no place in the share until messages appear in it again.
     Drained,
+}
+
+/// What one batch led to.
+enum Step {
+    /// Go on with the next batch.
+    Next,
+    /// A message blocked the partition (policy `block`): wait, then reread.
+    Blocked,
+    /// The worker's hold on the partition ends.
+    Exit(Exit),
 }
 
 /// One partition worker's own state; `delivery` adds the delivery of a batch.
@@ -136,7 +137,7 @@ pub async fn run_worker(
             }
             continue;
         }
-        let session = match w.connect_and_claim().await {
+        let session = match w.claim().await {
             Ok(Some(c)) => {
                 reconnect.reset();
                 c
@@ -166,20 +167,16 @@ pub async fn run_worker(
             ownership: &ctx.ownership,
             partition,
         };
-        w.epoch = session.epoch;
-        tracing::debug!(partition, epoch = session.epoch, "partition lease claimed");
+        tracing::debug!(partition, epoch = w.epoch, "partition lease claimed");
         w.set_state(PartitionState::Relaying);
         reader.reset(session.incarnation.clone());
-        let exit = w.work(&session, &mut reader, &mailbox, &pulse).await;
-        if matches!(
-            exit,
-            Exit::Stop | Exit::Release | Exit::Drained | Exit::Fenced(_)
-        ) {
+        let exit = w.work(session, &mut reader, &mailbox, &pulse).await;
+        if matches!(exit, Exit::Release | Exit::Drained | Exit::Fenced(_)) {
             // Let the next owner claim it now rather than after the TTL (a fenced lease is
-            // released only if it still carries this worker's epoch).
-            w.release(&session).await;
+            // released only if it still carries this worker's epoch). On shutdown the lease
+            // task releases every lease of the instance.
+            w.release().await;
         }
-        drop(session);
         drop(held);
         match exit {
             Exit::Stop => return,
@@ -247,37 +244,45 @@ impl Worker<'_> {
         self.stopping()
     }
 
-    async fn connect_and_claim(&self) -> Result<Option<Session>> {
-        let mut client = crate::session::connect(
-            &self.ctx.pg_config,
-            &format!(
-                "{} SET application_name = 'outboxd partition {}';",
-                crate::sql::SESSION_SETUP,
-                self.partition
-            ),
-            "partition worker",
-        )
-        .await?;
+    /// Takes a session and claims the partition's lease on it; the session when the claim
+    /// succeeded (the epoch is in `self.epoch`), `None` when another instance holds it.
+    async fn claim(&mut self) -> Result<Option<Checkout>> {
+        let checkout = self.ctx.sessions.checkout().await?;
+        match self.claim_on(&checkout).await {
+            Ok(Some(epoch)) => {
+                self.epoch = epoch;
+                Ok(Some(checkout))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                checkout.discard();
+                Err(e)
+            }
+        }
+    }
+
+    async fn claim_on(&self, session: &Checkout) -> Result<Option<i64>> {
         let ownership = &self.ctx.ownership;
         let ttl_ms = i64::try_from(ownership.ttl().as_millis()).unwrap_or(i64::MAX);
         let sent_at = Instant::now();
         // The claim commits durably (the session commits asynchronously otherwise): a claim
         // lost in a crash would hand its epoch out again.
-        let tx = client
-            .transaction()
+        // (`BEGIN` as a statement: the session is shared through the pool, so no `&mut`
+        // for a client-side transaction; a failure discards the session.)
+        let client = &session.client;
+        client
+            .batch_execute("BEGIN; SET LOCAL synchronous_commit = on")
             .await
             .map_err(Error::pg("claiming the partition lease"))?;
-        tx.batch_execute("SET LOCAL synchronous_commit = on")
-            .await
-            .map_err(Error::pg("claiming the partition lease"))?;
-        let claimed = tx
+        let claimed = client
             .query_opt(
                 &self.ctx.sql.claim_lease,
                 &[&self.partition, &ownership.instance(), &ttl_ms],
             )
             .await
             .map_err(Error::pg("claiming the partition lease"))?;
-        tx.commit()
+        client
+            .batch_execute("COMMIT")
             .await
             .map_err(Error::pg("claiming the partition lease"))?;
         let Some(claimed) = claimed else {
@@ -290,64 +295,39 @@ impl Worker<'_> {
             .try_get(1)
             .map_err(Error::pg("claiming the partition lease"))?;
         ownership.claimed(self.partition, epoch, previous.as_deref(), sent_at);
-        // Prepared once per connection: parsed and planned once, one round trip per call.
-        let prepared = async {
-            let read = ReadStatements {
-                batch: client
-                    .prepare(&self.ctx.sql.read_batch)
-                    .await
-                    .map_err(Error::pg("preparing the batch read"))?,
-                late: client
-                    .prepare(&self.ctx.sql.read_late)
-                    .await
-                    .map_err(Error::pg("preparing the late-row read"))?,
-            };
-            let delete_batch = client
-                .prepare(&self.ctx.sql.delete_batch)
-                .await
-                .map_err(Error::pg("preparing the batch delete"))?;
-            let incarnation = crate::session::incarnation(&client, &self.ctx.sql).await?;
-            Ok::<_, Error>((read, delete_batch, incarnation))
-        }
-        .await;
-        let (read, delete_batch, incarnation) = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                // Claimed but not usable: the lease runs out (nothing renews it).
-                ownership.dropped(self.partition);
-                return Err(e);
-            }
-        };
-        Ok(Some(Session {
-            client,
-            read,
-            delete_batch,
-            incarnation,
-            epoch,
-        }))
+        Ok(Some(epoch))
     }
 
     /// Gives the lease up (best effort: if it fails, the lease runs out after the TTL).
-    async fn release(&self, session: &Session) {
-        if let Err(e) = session
-            .client
-            .execute(
-                &self.ctx.sql.release_lease,
-                &[
-                    &self.partition,
-                    &self.ctx.ownership.instance(),
-                    &session.epoch,
-                ],
-            )
-            .await
-        {
+    async fn release(&self) {
+        let result = match self.ctx.sessions.checkout().await {
+            Ok(session) => session
+                .client
+                .execute(
+                    &self.ctx.sql.release_lease,
+                    &[&self.partition, &self.ctx.ownership.instance(), &self.epoch],
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
             tracing::debug!(partition = self.partition, error = %e, "could not release the lease; it runs out after the TTL");
+        }
+    }
+
+    /// Takes a session from the pool, unless shutdown is requested first (`None`).
+    async fn checkout_or_stop(&mut self) -> Option<Result<Checkout>> {
+        tokio::select! {
+            c = self.ctx.sessions.checkout() => Some(c),
+            _ = self.stop.changed() => None,
         }
     }
 
     async fn work(
         &mut self,
-        session: &Session,
+        first: Checkout,
         reader: &mut PartitionReader,
         mailbox: &Mailbox,
         pulse: &PollerPulse,
@@ -357,6 +337,8 @@ impl Worker<'_> {
         let stall = self.ctx.config.poll_interval() + self.ctx.config.wakeup_interval() * 20;
         // The message that blocked this partition, tried alone first on the next attempt.
         let mut blocked: Option<i64> = None;
+        // Held for reading; back in the pool while Kafka acknowledges and while caught up.
+        let mut session = Some(first);
         loop {
             if self.stopping() {
                 return Exit::Stop;
@@ -367,23 +349,25 @@ impl Worker<'_> {
             if !self.ctx.ownership.is_mine(self.partition) {
                 return Exit::Release;
             }
-            if !self.ctx.ownership.is_valid(self.partition, session.epoch) {
+            if !self.ctx.ownership.is_valid(self.partition, self.epoch) {
                 return Exit::Fenced("the lease was not renewed within its TTL");
             }
             let delivered = mailbox.take();
             if delivered.reset {
-                reader.reset(session.incarnation.clone());
+                let incarnation = reader.incarnation().clone();
+                reader.reset(incarnation);
             }
             if let Some(window) = delivered.window
                 && !reader.offer(window)
             {
                 tracing::debug!(
                     partition = self.partition,
-                    "window from another incarnation of the database dropped (this session rereads)"
+                    "window from another incarnation of the database dropped (this worker rereads)"
                 );
             }
             if !reader.has_work() {
-                // Caught up.
+                // Caught up: the session goes back to the pool.
+                session = None;
                 self.metrics.oldest_age.set(0.0);
                 if !self.ctx.ownership.is_below_count(self.partition) {
                     return Exit::Drained;
@@ -400,91 +384,135 @@ impl Worker<'_> {
                 }
                 continue;
             }
-            let client = &session.client;
-            let batch = match reader
-                .next_batch(client, &self.ctx.sql, &session.read)
-                .await
-            {
-                Ok(b) => b,
-                Err(e) => return Exit::Reconnect(e),
+            let s = match session.take() {
+                Some(s) => s,
+                None => match self.checkout_or_stop().await {
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => return Exit::Reconnect(e),
+                    None => return Exit::Stop,
+                },
             };
-            let Some(first) = batch.first() else {
-                continue;
-            };
-            tracing::debug!(
-                partition = self.partition,
-                messages = batch.len(),
-                first_id = first.id,
-                "batch read"
-            );
-            let started = Instant::now();
-            self.metrics
-                .oldest_age
-                .set((now_epoch() - first.created_at_epoch).max(0.0));
-            let (acked, outcome) = match self.deliver(client, &batch, blocked).await {
-                Ok(r) => r,
-                Err(e) => return Exit::Reconnect(e),
-            };
-            if !acked.is_empty() {
-                let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
-                self.ctx.faults.before_write(self.partition).await;
-                let held = client
-                    .query_one(
-                        &session.delete_batch,
-                        &[
-                            &self.partition,
-                            &ids,
-                            &self.ctx.ownership.instance(),
-                            &session.epoch,
-                        ],
-                    )
-                    .await
-                    .and_then(|row| row.try_get::<_, bool>(0));
-                match held {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        self.ctx.ownership.fencing_rejection();
-                        return Exit::Fenced(
-                            "another instance took the lease over: the batch was not retired (its new owner publishes it again)",
-                        );
-                    }
-                    Err(e) => {
-                        return Exit::Reconnect(Error::pg("retiring a published batch")(e));
-                    }
-                }
-                let now = now_epoch();
-                for row in &acked {
-                    self.metrics
-                        .commit_to_ack
-                        .record((now - row.created_at_epoch).max(0.0));
-                }
-                self.metrics.published.increment(acked.len() as u64);
+            if s.incarnation != *reader.incarnation() {
+                // This session talks to another life of the database (it crashed or failed
+                // over since the reader's windows were taken): they mean nothing here.
+                tracing::info!(
+                    partition = self.partition,
+                    "the database restarted from a crash or failed over: the partition is reread from its start"
+                );
+                reader.reset(s.incarnation.clone());
             }
-            match outcome {
-                Outcome::Done => {
-                    blocked = None;
-                    self.metrics.batches.increment(1);
-                    self.metrics
-                        .batch_duration
-                        .record(started.elapsed().as_secs_f64());
-                    self.set_state(PartitionState::Relaying);
+            let batch = match reader.next_batch(&s.client, &self.ctx.sql, &s.read).await {
+                Ok(b) => b,
+                Err(e) => {
+                    // The session's state is unknown: close it, claim again and reread.
+                    s.discard();
+                    return Exit::Reconnect(e);
                 }
-                Outcome::Stopped => return Exit::Stop,
-                Outcome::Fenced => {
-                    self.ctx.ownership.fencing_rejection();
-                    return Exit::Fenced(
-                        "another instance took the lease over: the refused message was not moved aside",
-                    );
-                }
-                Outcome::Blocked { message_id } => {
-                    blocked = Some(message_id);
+            };
+            if batch.is_empty() {
+                session = Some(s);
+                continue;
+            }
+            // The session goes back to the pool while Kafka acknowledges the batch: with a
+            // pool smaller than the partitions, waiting for acknowledgements must not hold
+            // it.
+            drop(s);
+            match self.deliver_and_retire(&batch, &mut blocked).await {
+                Ok(Step::Next) => {}
+                Ok(Step::Exit(exit)) => return exit,
+                Err(e) => return Exit::Reconnect(e),
+                Ok(Step::Blocked) => {
                     // Reread from the database on the next try: an operator may have moved
                     // the message aside (`outboxd skip`) or fixed its cause meanwhile.
-                    reader.reset(session.incarnation.clone());
+                    let incarnation = reader.incarnation().clone();
+                    reader.reset(incarnation);
                     if self.sleep_or_stop(self.ctx.config.retry_max()).await {
                         return Exit::Stop;
                     }
                 }
+            }
+        }
+    }
+
+    /// Delivers one batch and retires what Kafka acknowledged, on a session of the pool; an
+    /// error means a session failed (it was closed; the caller claims again and rereads).
+    async fn deliver_and_retire(
+        &mut self,
+        batch: &[crate::reader::OutboxRow],
+        blocked: &mut Option<i64>,
+    ) -> Result<Step> {
+        let Some(first) = batch.first() else {
+            return Ok(Step::Next);
+        };
+        tracing::debug!(
+            partition = self.partition,
+            messages = batch.len(),
+            first_id = first.id,
+            "batch read"
+        );
+        let started = Instant::now();
+        self.metrics
+            .oldest_age
+            .set((now_epoch() - first.created_at_epoch).max(0.0));
+        let (acked, outcome) = self.deliver(batch, *blocked).await?;
+        if !acked.is_empty() {
+            let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
+            self.ctx.faults.before_write(self.partition).await;
+            let s = self.ctx.sessions.checkout().await?;
+            let retired = s
+                .client
+                .query_one(
+                    &s.delete_batch,
+                    &[
+                        &self.partition,
+                        &ids,
+                        &self.ctx.ownership.instance(),
+                        &self.epoch,
+                    ],
+                )
+                .await
+                .and_then(|row| row.try_get(0));
+            let held: bool = match retired {
+                Ok(held) => held,
+                Err(e) => {
+                    s.discard();
+                    return Err(Error::pg("retiring a published batch")(e));
+                }
+            };
+            if !held {
+                self.ctx.ownership.fencing_rejection();
+                return Ok(Step::Exit(Exit::Fenced(
+                    "another instance took the lease over: the batch was not retired (its new owner publishes it again)",
+                )));
+            }
+            let now = now_epoch();
+            for row in &acked {
+                self.metrics
+                    .commit_to_ack
+                    .record((now - row.created_at_epoch).max(0.0));
+            }
+            self.metrics.published.increment(acked.len() as u64);
+        }
+        match outcome {
+            Outcome::Done => {
+                *blocked = None;
+                self.metrics.batches.increment(1);
+                self.metrics
+                    .batch_duration
+                    .record(started.elapsed().as_secs_f64());
+                self.set_state(PartitionState::Relaying);
+                Ok(Step::Next)
+            }
+            Outcome::Stopped => Ok(Step::Exit(Exit::Stop)),
+            Outcome::Fenced => {
+                self.ctx.ownership.fencing_rejection();
+                Ok(Step::Exit(Exit::Fenced(
+                    "another instance took the lease over: the refused message was not moved aside",
+                )))
+            }
+            Outcome::Blocked { message_id } => {
+                *blocked = Some(message_id);
+                Ok(Step::Blocked)
             }
         }
     }

@@ -191,7 +191,7 @@ async fn a_transaction_id_reused_after_a_crash_is_not_mistaken_for_one_already_s
             client
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
-                      WHERE application_name = 'outboxd partition 0' AND state = 'idle'
+                      WHERE application_name LIKE 'outboxd worker%' AND state = 'idle'
                         AND backend_start > pg_postmaster_start_time()
                         AND strpos(query, 'SELECT pg_current_snapshot()') > 0
                         AND NOT EXISTS (SELECT 1 FROM outbox.message)",

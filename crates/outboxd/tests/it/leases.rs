@@ -374,3 +374,57 @@ async fn the_writing_statements_change_nothing_without_the_lease() {
     );
     setup.cleanup().await;
 }
+
+/// The partition workers share a bounded pool of sessions: with 256 partitions and a pool
+/// of 4, a backlog spread over every partition drains with never more than 4 worker
+/// connections open, in order per entity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_of_256_partitions_share_a_bounded_pool_of_sessions() {
+    let setup = Setup::new(256).await;
+    let topic = outbox_testkit::create_topic("pool", 4).await;
+    let messages: Vec<(String, Vec<u8>)> = (0..3000)
+        .map(|i| (format!("p{}", i % 600), format!("m{i}").into_bytes()))
+        .collect();
+    let expected = write_messages(&setup.outbox, &topic, &messages).await;
+    let partitions: i64 = setup
+        .client
+        .query_one(
+            &format!(
+                "SELECT count(DISTINCT partition) FROM {}.message",
+                setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("partitions")
+        .get(0);
+    assert!(
+        partitions > 200,
+        "the backlog spans {partitions} partitions"
+    );
+    let relay = RunningRelay::start(outboxd::Config {
+        pool_size: 4,
+        ..setup.relay_config()
+    });
+    let mut most = 0i64;
+    while setup.remaining().await > 0 {
+        let open: i64 = setup
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&format!("outboxd worker {}", setup.schema.name())],
+            )
+            .await
+            .expect("sessions")
+            .get(0);
+        most = most.max(open);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("256 partitions, pool of 4: at most {most} worker sessions open");
+    assert!(most > 0, "the workers' sessions were seen");
+    assert!(most <= 4, "at most the pool's size: {most}");
+    let consumed = outbox_testkit::consume(&topic, 3000, Duration::from_secs(60));
+    outbox_testkit::assert_dedup_order(&consumed, &expected);
+    relay.stop().await;
+    setup.cleanup().await;
+}

@@ -450,7 +450,7 @@ async fn an_entity_unparked_while_the_worker_reads_on_keeps_its_order() {
                 .client
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
-                  WHERE application_name = 'outboxd partition 0' AND wait_event_type = 'Lock'",
+                  WHERE application_name LIKE 'outboxd worker%' AND wait_event_type = 'Lock'",
                     &[],
                 )
                 .await
