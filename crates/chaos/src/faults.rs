@@ -58,6 +58,22 @@ pub enum Action {
         /// How long it stays open.
         hold: Duration,
     },
+    /// SIGSTOP a relay, SIGCONT it after `pause`: its connections stay up, so only its
+    /// leases running out (the relays run with a 3 s TTL) free its partitions.
+    RelayPause {
+        /// Which relay.
+        relay: usize,
+        /// How long it stays stopped.
+        pause: Duration,
+    },
+    /// Stop a relay gracefully (SIGTERM: it releases its leases and leaves), start it again
+    /// after `down` (a new instance joins).
+    RelayLeave {
+        /// Which relay.
+        relay: usize,
+        /// How long it stays away.
+        down: Duration,
+    },
 }
 
 impl Action {
@@ -70,13 +86,18 @@ impl Action {
             Action::KafkaKill { .. } => "kafka_kill",
             Action::PartitionCount { .. } => "partition_count",
             Action::IdleTransaction { .. } => "idle_transaction",
+            Action::RelayPause { .. } => "relay_pause",
+            Action::RelayLeave { .. } => "relay_leave",
         }
     }
 
     /// How long the fault lasts, as drawn (restarts take longer in practice).
     fn nominal(&self) -> Duration {
         match *self {
-            Action::RelayKill { down, .. } | Action::KafkaKill { down } => down,
+            Action::RelayKill { down, .. }
+            | Action::KafkaKill { down }
+            | Action::RelayLeave { down, .. } => down,
+            Action::RelayPause { pause, .. } => pause,
             Action::PgCrash { lead, down } => lead + down,
             Action::IdleTransaction { hold } => hold,
             Action::PgRestart | Action::PartitionCount { .. } => Duration::ZERO,
@@ -102,6 +123,16 @@ impl fmt::Display for Action {
             Action::PartitionCount { count } => write!(f, "partition_count = {count}"),
             Action::IdleTransaction { hold } => {
                 write!(f, "idle transaction with an xid, open {:.1}s", s(hold))
+            }
+            Action::RelayPause { relay, pause } => {
+                write!(f, "SIGSTOP relay-{relay}, SIGCONT after {:.1}s", s(pause))
+            }
+            Action::RelayLeave { relay, down } => {
+                write!(
+                    f,
+                    "relay-{relay} leaves (SIGTERM), back after {:.1}s",
+                    s(down)
+                )
             }
         }
     }
@@ -140,23 +171,33 @@ pub fn schedule(seed: u64, phase: Duration, relays: usize) -> Vec<Fault> {
             4 => Action::PartitionCount {
                 count: rng.random_range(2..=16),
             },
-            _ => Action::IdleTransaction {
+            5 => Action::IdleTransaction {
                 hold: ms(rng, 10_000, 30_000),
+            },
+            6 => Action::RelayPause {
+                relay: rng.random_range(0..relays.max(1)),
+                pause: ms(rng, 1_000, 8_000),
+            },
+            _ => Action::RelayLeave {
+                relay: rng.random_range(0..relays.max(1)),
+                down: ms(rng, 500, 5_000),
             },
         }
     };
     // Every kind once (the partition count twice: up and down), then one more fault per
     // ten seconds of phase, weighted towards the cheap ones.
-    let mut kinds: Vec<usize> = vec![0, 1, 2, 3, 4, 4, 5];
+    let mut kinds: Vec<usize> = vec![0, 1, 2, 3, 4, 4, 5, 6, 7];
     let extra = phase.as_secs() / 10;
     for _ in 0..extra {
         kinds.push(match rng.random_range(0..100) {
-            0..30 => 0,
-            30..55 => 4,
-            55..70 => 1,
-            70..80 => 3,
-            80..90 => 2,
-            _ => 5,
+            0..22 => 0,
+            22..45 => 4,
+            45..58 => 1,
+            58..67 => 3,
+            67..76 => 2,
+            76..84 => 5,
+            84..92 => 6,
+            _ => 7,
         });
     }
     let mut faults = Vec::new();
@@ -312,6 +353,35 @@ async fn perform(action: Action, t: &Target, notes: &mut Vec<String>) -> Result<
             t.relays.start(relay)?;
             t.clock.say(format!("relay-{relay} started again"));
         }
+        Action::RelayPause { relay, pause } => {
+            let lock = t
+                .relay_locks
+                .get(relay)
+                .ok_or_else(|| Error::msg(format!("no relay {relay}")))?;
+            let _guard = lock.lock().await;
+            if let Err(e) = t.relays.signal(relay, "-STOP") {
+                // Not running right now (the supervisor is restarting it): nothing to pause.
+                notes.push(format!("pause of relay-{relay} skipped: {e}"));
+                return Ok(());
+            }
+            tokio::time::sleep(pause).await;
+            t.relays.signal(relay, "-CONT")?;
+            t.clock.say(format!("relay-{relay} continued"));
+        }
+        Action::RelayLeave { relay, down } => {
+            let lock = t
+                .relay_locks
+                .get(relay)
+                .ok_or_else(|| Error::msg(format!("no relay {relay}")))?;
+            let _guard = lock.lock().await;
+            let relays = t.relays.clone();
+            tokio::task::spawn_blocking(move || relays.stop_one(relay, Duration::from_secs(10)))
+                .await
+                .map_err(|e| Error::msg(format!("stopping relay-{relay}: {e}")))??;
+            tokio::time::sleep(down).await;
+            t.relays.start(relay)?;
+            t.clock.say(format!("relay-{relay} joined again"));
+        }
         Action::PgCrash { lead, down } => {
             let _guard = t.pg.lock().await;
             // Until now the writers commit synchronously many times a second, and each such
@@ -417,11 +487,14 @@ mod tests {
             let faults = schedule(seed, phase, 3);
             let kinds: std::collections::BTreeSet<&str> =
                 faults.iter().map(|f| f.action.kind()).collect();
-            assert_eq!(kinds.len(), 6, "seed {seed}: {faults:?}");
+            assert_eq!(kinds.len(), 8, "seed {seed}: {faults:?}");
             for f in &faults {
                 assert!(f.at >= FIRST_FAULT);
                 assert!(f.at + f.action.nominal() <= phase, "seed {seed}: {f:?}");
-                if let Action::RelayKill { relay, .. } = f.action {
+                if let Action::RelayKill { relay, .. }
+                | Action::RelayPause { relay, .. }
+                | Action::RelayLeave { relay, .. } = f.action
+                {
                     assert!(relay < 3);
                 }
             }

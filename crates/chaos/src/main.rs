@@ -15,6 +15,7 @@ mod error;
 mod faults;
 mod model;
 mod operator;
+mod ownership;
 mod poison;
 mod python;
 mod relays;

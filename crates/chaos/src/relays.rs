@@ -3,7 +3,8 @@
 //! (`--mapping-cleanup-interval-ms 200 --mapping-ttl-s 0`) and retries stay short, with a
 //! configuration file that sets the poison topic's failure policy (poison.rs). Each has
 //! its own log file (`relay-N.log`, one marker line per start). Faults kill them with
-//! SIGKILL and start them again; a relay that exits when no fault asked it to is recorded
+//! SIGKILL, pause them with SIGSTOP / SIGCONT, or stop them with SIGTERM, and start them
+//! again; a relay that exits when no fault asked it to is recorded
 //! and restarted by [`Relays::supervise`]. Their pids are kept in `relays.pid`, so relays
 //! left behind by an interrupted run are stopped by the next one.
 
@@ -154,6 +155,8 @@ impl Relays {
             ])
             .args(["--retry-initial-ms", "50", "--retry-max-ms", "1000"])
             .args(["--batch-size", "100", "--shutdown-timeout-ms", "5000"])
+            // Short leases, so that a paused relay's partitions move within the run.
+            .args(["--lease-ttl-ms", "3000"])
             .env("RUST_LOG", "info")
             // Plain text logs: they are files, read by people and grep.
             .env("NO_COLOR", "1")
@@ -190,6 +193,50 @@ impl Relays {
             let _ = child.wait();
         }
         self.write_pid_file(&slots);
+        Ok(())
+    }
+
+    /// Fault: sends `signal` (`-STOP`, `-CONT`) to relay `i`.
+    pub fn signal(&self, i: usize, signal: &str) -> Result<()> {
+        let slots = self.lock();
+        let child = slots
+            .get(i)
+            .and_then(|s| s.child.as_ref())
+            .ok_or_else(|| Error::msg(format!("relay {i} is not running")))?;
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .context("kill")?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Error::msg(format!("kill {signal} relay-{i} failed")))
+        }
+    }
+
+    /// Fault: stops relay `i` gracefully (SIGTERM, up to `grace`, then SIGKILL) and keeps it
+    /// down until [`Relays::start`].
+    pub fn stop_one(&self, i: usize, grace: Duration) -> Result<()> {
+        let child = {
+            let mut slots = self.lock();
+            let slot = slots
+                .get_mut(i)
+                .ok_or_else(|| Error::msg(format!("no relay {i}")))?;
+            slot.held_down = true;
+            slot.child.take()
+        };
+        if let Some(mut child) = child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + grace;
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.write_pid_file(&self.lock());
         Ok(())
     }
 

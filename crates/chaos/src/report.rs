@@ -48,6 +48,9 @@ pub struct Summary {
     pub drained: bool,
     /// What was left in the outbox when it did not drain.
     pub stuck: Vec<String>,
+    /// The longest time a partition with waiting messages had no live owner (shown, not
+    /// judged; `None` when rechecking or when it never happened).
+    pub longest_unowned: Option<crate::ownership::Gap>,
     /// Relay exits no fault asked for (shown, not judged: the harness restarts the relay).
     pub relay_exits: Vec<String>,
     /// Lines of the relay logs that say a partition blocked or a message was moved to
@@ -245,6 +248,12 @@ impl Summary {
         ));
         for s in &self.stuck {
             line(format!("  stuck: {s}"));
+        }
+        if let Some(g) = &self.longest_unowned {
+            line(format!(
+                "longest unowned {:.1} s (partition {} from +{:.1}s): a partition with waiting messages and no live owner",
+                g.seconds, g.partition, g.from_s
+            ));
         }
         line(format!(
             "rust writers    {} tx committed ({} messages, {} asynchronously), {} rolled back, {} savepoints rolled back, {} held open, {} failed, {} unknown commits, {} short batches refused",

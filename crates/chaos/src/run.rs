@@ -191,6 +191,9 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
         },
         operator_rx,
     );
+    // Ownership is watched from the relays' start until the drain is over.
+    let (stop_watch, watch_rx) = watch::channel(false);
+    let ownership_watch = crate::ownership::spawn(services.clone(), clock, watch_rx);
     let supervising = Arc::new(AtomicBool::new(true));
     let supervisor = {
         let (relays, on) = (relays.clone(), Arc::clone(&supervising));
@@ -242,6 +245,8 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
     ));
     let mut stuck = Vec::new();
     let drained = drain::wait(services, o.drain_timeout, &clock).await;
+    let _ = stop_watch.send(true);
+    let longest_unowned = ownership_watch.await.unwrap_or(None);
     if !drained {
         stuck = drain::stuck(services)
             .await
@@ -326,6 +331,7 @@ async fn drive(o: &Options, relays: &Relays, clock: Clock) -> Result<Summary> {
         findings,
         drained,
         stuck,
+        longest_unowned,
         relay_exits,
         relay_log_counts,
         notes,
@@ -474,6 +480,7 @@ pub async fn recheck(o: Options) -> Result<Summary> {
         findings,
         drained: drain::wait(&o.services, Duration::ZERO, &clock).await,
         stuck: Vec::new(),
+        longest_unowned: None,
         relay_exits: Vec::new(),
         relay_log_counts: Default::default(),
         notes: Vec::new(),
