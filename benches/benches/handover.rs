@@ -9,6 +9,7 @@
 //! - `join`: one instance, a second one starts.
 //! - `kill_every_5s`: three instances under a steady 1,000 messages/s; every 5 s one is
 //!   killed with SIGKILL and started again; commit-to-consume latency over the minute.
+//! - `scale`: a backlog of 500,000 messages drained by 1, 2 and 4 instances.
 //!
 //! Each uses 16 partitions and the default lease TTL (10 s). The relays are the release
 //! `outboxd` binary, built first. Run: `scripts/services up && cargo bench -p
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use outbox_benches::BenchDb;
-use outbox_benches::relay::{CommitTimes, latency_percentiles, paced_writers, receive_times};
+use outbox_benches::relay::{CommitTimes, fill, latency_percentiles, paced_writers, receive_times};
 
 const PARTITIONS: i32 = 16;
 const ROUNDS: usize = 3;
@@ -46,12 +47,23 @@ fn main() {
         .expect("runtime");
     rt.block_on(async move {
         let modes: Vec<&str> = match mode.as_str() {
-            "all" => vec!["join", "graceful", "kill", "pause", "kill_every_5s"],
+            "all" => vec![
+                "join",
+                "graceful",
+                "kill",
+                "pause",
+                "kill_every_5s",
+                "scale",
+            ],
             m => vec![m],
         };
         for m in modes {
             if m == "kill_every_5s" {
                 kill_every_5s(&binary).await;
+            } else if m == "scale" {
+                for instances in [1, 2, 4] {
+                    scale(&binary, instances).await;
+                }
             } else {
                 for round in 1..=ROUNDS {
                     let took = handover(&binary, m).await;
@@ -290,5 +302,47 @@ async fn kill_every_5s(binary: &PathBuf) {
     println!(
         "kill_every_5s: {kills} kills, {written} written, {n} matched; commit-to-consume p50 {p50:.1} p90 {p90:.1} p99 {p99:.1} p99.9 {p999:.1} max {max:.1} ms"
     );
+    db.drop().await;
+}
+
+/// Drains a backlog of 500,000 messages (300 B, 10,000 entities, 32 partitions) with
+/// `instances` relay processes; prints the drain rate.
+async fn scale(binary: &PathBuf, instances: usize) {
+    const BACKLOG: u64 = 500_000;
+    let db = BenchDb::new("bench_scale", 4).await;
+    db.execute(&format!(
+        "UPDATE {}.settings SET partition_count = 32",
+        db.schema
+    ))
+    .await;
+    let topic = outbox_testkit::create_topic("bench-scale", 12).await;
+    fill(&db, &topic, BACKLOG, 1000, 10_000, 300).await;
+    let started = Instant::now();
+    let relays: Vec<Child> = (0..instances)
+        .map(|i| spawn(binary, &db, &format!("scale-{i}.log")))
+        .collect();
+    loop {
+        let left: i64 = db.clients[0]
+            .lock()
+            .await
+            .query_one(&format!("SELECT count(*) FROM {}.message", db.schema), &[])
+            .await
+            .expect("count")
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "not drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    println!(
+        "scale: {instances} instance(s) drained {BACKLOG} messages in {:.1} s: {:.0} msg/s (process start included)",
+        took.as_secs_f64(),
+        BACKLOG as f64 / took.as_secs_f64()
+    );
+    for r in relays {
+        stop(r);
+    }
     db.drop().await;
 }
