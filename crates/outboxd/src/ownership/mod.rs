@@ -147,14 +147,21 @@ impl Ownership {
             self.takeovers.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("outbox_relay_lease_takeovers_total").increment(1);
         }
-        self.held().insert(
-            partition,
-            Lease {
-                epoch,
-                valid_until: sent_at + self.ttl,
-                renewed_at: sent_at,
-            },
-        );
+        let held = {
+            let mut held = self.held();
+            held.insert(
+                partition,
+                Lease {
+                    epoch,
+                    valid_until: sent_at + self.ttl,
+                    renewed_at: sent_at,
+                },
+            );
+            held.len()
+        };
+        metrics::gauge!("outbox_relay_lease_epoch", "partition" => partition.to_string())
+            .set(epoch as f64);
+        metrics::gauge!("outbox_relay_leases_held").set(held as f64);
     }
 
     /// Records a renewal sent at `sent_at` that renewed `renewed` (partition, epoch) pairs.
@@ -184,7 +191,15 @@ impl Ownership {
 
     /// Records that `partition`'s lease was released, lost or fenced.
     pub fn dropped(&self, partition: i32) {
-        self.held().remove(&partition);
+        let held = {
+            let mut held = self.held();
+            held.remove(&partition);
+            held.len()
+        };
+        // 0: not held by this instance.
+        metrics::gauge!("outbox_relay_lease_epoch", "partition" => partition.to_string())
+            .set(0.0);
+        metrics::gauge!("outbox_relay_leases_held").set(held as f64);
     }
 
     /// Records that a retirement was refused because the lease had been taken over.

@@ -428,3 +428,38 @@ async fn workers_of_256_partitions_share_a_bounded_pool_of_sessions() {
     relay.stop().await;
     setup.cleanup().await;
 }
+
+/// Three instances started at once settle on one assignment: every partition has exactly one
+/// owner and the numbers differ by at most one (3, 3, 2 of 8), and messages written while
+/// they settle arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_started_at_once_share_the_partitions_evenly() {
+    let setup = Setup::new(8).await;
+    let topic = outbox_testkit::create_topic("three", 4).await;
+    let relays: Vec<RunningRelay> = (0..3)
+        .map(|_| RunningRelay::start(setup.relay_config()))
+        .collect();
+    let messages: Vec<(String, Vec<u8>)> = (0..200)
+        .map(|i| (format!("t{}", i % 40), format!("m{i}").into_bytes()))
+        .collect();
+    let expected = write_messages(&setup.outbox, &topic, &messages).await;
+    let refs: Vec<&RunningRelay> = relays.iter().collect();
+    wait_balanced(&setup, &refs, 8, "three instances share 8 partitions").await;
+    let owners = owners(&setup).await;
+    let mut per: Vec<usize> = relays
+        .iter()
+        .map(|r| {
+            let id = instance_of(r);
+            owners.values().filter(|o| **o == id).count()
+        })
+        .collect();
+    per.sort_unstable();
+    assert_eq!(per, vec![2, 3, 3], "{owners:?}");
+    setup.wait_drained("every message retired").await;
+    let consumed = outbox_testkit::consume(&topic, 200, Duration::from_secs(30));
+    outbox_testkit::assert_dedup_order(&consumed, &expected);
+    for r in relays {
+        r.stop().await;
+    }
+    setup.cleanup().await;
+}
