@@ -197,8 +197,7 @@ impl Ownership {
             held.len()
         };
         // 0: not held by this instance.
-        metrics::gauge!("outbox_relay_lease_epoch", "partition" => partition.to_string())
-            .set(0.0);
+        metrics::gauge!("outbox_relay_lease_epoch", "partition" => partition.to_string()).set(0.0);
         metrics::gauge!("outbox_relay_leases_held").set(held as f64);
     }
 
