@@ -10,6 +10,8 @@
 #   batch:  BEGIN; SELECT enqueue_batch(100 x 300-byte messages); COMMIT
 #
 #   scripts/services up && benches/write_path_cost.sh [SECONDS_PER_ROUND] [ROUNDS]
+# WP_BEFORE=N compares migration N instead of 0002 with the newest (e.g. WP_BEFORE=4: what
+# migration 0005's SECURITY DEFINER functions cost).
 set -euo pipefail
 SECS="${1:-10}"
 ROUNDS="${2:-3}"
@@ -28,7 +30,7 @@ make_schema() { # make_schema NAME LAST_MIGRATION_NUMBER
   done
 }
 last="$(ls "$ROOT"/migrations/*.sql | tail -n 1 | xargs basename | cut -c1-4)"
-make_schema bench_wp_before 2
+make_schema bench_wp_before "${WP_BEFORE:-2}"
 make_schema bench_wp_after "$((10#$last))"
 
 dir="$(mktemp -d)"

@@ -34,10 +34,15 @@ const MIGRATIONS: &[Migration] = &[
         name: "0004_leases",
         sql: include_str!("../../../migrations/0004_leases.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_roles",
+        sql: include_str!("../../../migrations/0005_roles.sql"),
+    },
 ];
 
 /// The schema version this library expects.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Applies the pending migrations to the schema `outbox`. Idempotent.
 pub async fn migrate(client: &tokio_postgres::Client) -> Result<()> {

@@ -16,6 +16,7 @@ mod policies;
 mod process;
 mod proxy;
 mod refusals;
+mod roles;
 mod scaling;
 mod supervision;
 mod support;
