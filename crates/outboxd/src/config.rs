@@ -9,13 +9,29 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::secrets::Secret;
 
-/// Everything `outboxd run` needs. Field defaults are given on each field.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// Everything `outboxd run` needs. Field defaults are given on each field. `Debug` shows it
+/// masked (see [`Config::masked`]).
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// PostgreSQL connection string (URL or key=value form). Required.
+    /// PostgreSQL connection string (URL or key=value form). Required. Better without the
+    /// password: see `database_password_file`.
     pub database_url: String,
+    /// A file holding the database password (one trailing newline is ignored); it overrides
+    /// a password in `database_url`. Default: none.
+    pub database_password_file: String,
+    /// The database password, from the environment (`OUTBOXD_DATABASE_PASSWORD`), never from
+    /// a file of settings or a flag; `database_password_file` wins when both are set.
+    #[serde(skip)]
+    pub database_password: Option<Secret>,
+    /// A file holding Kafka's `sasl.password`. Default: none.
+    pub kafka_sasl_password_file: String,
+    /// Kafka's `sasl.password` from the environment (`OUTBOXD_KAFKA_SASL_PASSWORD`);
+    /// `kafka_sasl_password_file` wins when both are set.
+    #[serde(skip)]
+    pub kafka_sasl_password: Option<Secret>,
     /// Kafka bootstrap servers, comma-separated `host:port`. Required.
     pub brokers: String,
     /// Schema holding the outbox tables. Default: `outbox`.
@@ -62,6 +78,40 @@ pub struct Config {
     /// librdkafka producer properties passed through as given (e.g. `linger.ms`,
     /// `security.protocol`). Ones that would break ordering are refused. Default: empty.
     pub kafka: BTreeMap<String, String>,
+}
+
+/// Never prints a password: the connection string and the secret `[kafka]` properties are
+/// masked, and the secrets from the environment print as `[REDACTED]`.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.masked();
+        f.debug_struct("Config")
+            .field("database_url", &m.database_url)
+            .field("database_password_file", &m.database_password_file)
+            .field("database_password", &m.database_password)
+            .field("kafka_sasl_password_file", &m.kafka_sasl_password_file)
+            .field("kafka_sasl_password", &m.kafka_sasl_password)
+            .field("brokers", &m.brokers)
+            .field("schema", &m.schema)
+            .field("batch_size", &m.batch_size)
+            .field("poll_interval_ms", &m.poll_interval_ms)
+            .field("wakeup_interval_ms", &m.wakeup_interval_ms)
+            .field("retry_initial_ms", &m.retry_initial_ms)
+            .field("retry_max_ms", &m.retry_max_ms)
+            .field("shutdown_timeout_ms", &m.shutdown_timeout_ms)
+            .field("pool_size", &m.pool_size)
+            .field("lease_ttl_ms", &m.lease_ttl_ms)
+            .field(
+                "mapping_cleanup_interval_ms",
+                &m.mapping_cleanup_interval_ms,
+            )
+            .field("mapping_ttl_s", &m.mapping_ttl_s)
+            .field("http_listen", &m.http_listen)
+            .field("on_error", &m.on_error)
+            .field("topics", &m.topics)
+            .field("kafka", &m.kafka)
+            .finish()
+    }
 }
 
 /// Settings of one topic.
@@ -117,6 +167,10 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             database_url: String::new(),
+            database_password_file: String::new(),
+            database_password: None,
+            kafka_sasl_password_file: String::new(),
+            kafka_sasl_password: None,
             brokers: String::new(),
             schema: "outbox".to_owned(),
             batch_size: 1000,
@@ -267,6 +321,14 @@ impl Config {
                 problems.push(format!("{name} must be {min}..={max}, got {value}"));
             }
         }
+        if self.kafka.contains_key("sasl.password")
+            && (!self.kafka_sasl_password_file.is_empty() || self.kafka_sasl_password.is_some())
+        {
+            problems.push(
+                "kafka.\"sasl.password\" is set twice: in [kafka] and by kafka_sasl_password_file or OUTBOXD_KAFKA_SASL_PASSWORD; keep one (not the [kafka] one: a file of settings is no place for a secret)"
+                    .to_owned(),
+            );
+        }
         if self.retry_initial_ms > self.retry_max_ms {
             problems.push(format!(
                 "retry_initial_ms ({}) must not exceed retry_max_ms ({})",
@@ -317,6 +379,49 @@ impl Config {
         self.topics.get(topic).map_or(self.on_error, |t| t.on_error)
     }
 
+    /// The PostgreSQL connection settings: `database_url` with the password from
+    /// `database_password_file` or the environment, when one is given.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config> {
+        let mut pg: tokio_postgres::Config = self
+            .database_url
+            .parse()
+            .map_err(Error::pg("parsing database_url"))?;
+        if !self.database_password_file.is_empty() {
+            let secret =
+                crate::secrets::read_file(&self.database_password_file, "database password")?;
+            pg.password(secret.expose());
+        } else if let Some(secret) = &self.database_password {
+            pg.password(secret.expose());
+        }
+        Ok(pg)
+    }
+
+    /// Kafka's `sasl.password` from `kafka_sasl_password_file` or the environment, if given.
+    pub fn kafka_sasl_password(&self) -> Result<Option<Secret>> {
+        if !self.kafka_sasl_password_file.is_empty() {
+            return crate::secrets::read_file(
+                &self.kafka_sasl_password_file,
+                "Kafka SASL password",
+            )
+            .map(Some);
+        }
+        Ok(self.kafka_sasl_password.clone())
+    }
+
+    /// A copy fit to show (`outboxd check-config`): passwords in `database_url` and secret
+    /// `[kafka]` properties replaced by `***` (the secrets from the environment print as
+    /// `[REDACTED]`).
+    pub fn masked(&self) -> Config {
+        let mut shown = self.clone();
+        shown.database_url = crate::secrets::mask_connection_string(&shown.database_url);
+        for key in crate::secrets::KAFKA_SECRET_KEYS {
+            if let Some(v) = shown.kafka.get_mut(*key) {
+                *v = "***".to_owned();
+            }
+        }
+        shown
+    }
+
     /// The validated schema name.
     pub fn schema(&self) -> Result<outbox::Schema> {
         Ok(outbox::Schema::new(self.schema.clone())?)
@@ -339,5 +444,36 @@ impl Config {
     }
     pub(crate) fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_password_comes_from_its_file_then_the_environment_then_the_url() {
+        let mut config = Config {
+            database_url: "postgres://relay:in-url@127.0.0.1/app".to_owned(),
+            ..Config::default()
+        };
+        let password = |c: &Config| {
+            c.pg_config()
+                .expect("pg config")
+                .get_password()
+                .map(<[u8]>::to_vec)
+        };
+        assert_eq!(password(&config), Some(b"in-url".to_vec()));
+        config.database_password = Some(Secret::new("from-env".to_owned()));
+        assert_eq!(password(&config), Some(b"from-env".to_vec()));
+        let file = std::env::temp_dir().join(format!("outboxd-pw-{}", std::process::id()));
+        std::fs::write(&file, "from-file\n").expect("write");
+        config.database_password_file = file.to_string_lossy().into_owned();
+        assert_eq!(password(&config), Some(b"from-file".to_vec()));
+        let _ = std::fs::remove_file(&file);
+        assert!(
+            !format!("{config:?}").contains("from-env"),
+            "Debug redacts it"
+        );
     }
 }

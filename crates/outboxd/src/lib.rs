@@ -34,6 +34,7 @@ pub mod periodic;
 pub mod publisher;
 pub mod reader;
 pub mod relay;
+pub mod secrets;
 pub mod session;
 mod sessions;
 pub mod sql;

@@ -26,6 +26,13 @@ struct Cli {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// A file holding the database password (the password itself can come from the
+    /// environment, OUTBOXD_DATABASE_PASSWORD, never from a flag).
+    #[arg(long, env = "OUTBOXD_DATABASE_PASSWORD_FILE", global = true)]
+    database_password_file: Option<String>,
+    /// A file holding Kafka's sasl.password (or OUTBOXD_KAFKA_SASL_PASSWORD).
+    #[arg(long, env = "OUTBOXD_KAFKA_SASL_PASSWORD_FILE", global = true)]
+    kafka_sasl_password_file: Option<String>,
     /// Kafka bootstrap servers, comma-separated host:port.
     #[arg(long, env = "OUTBOXD_BROKERS", global = true)]
     brokers: Option<String>,
@@ -110,6 +117,19 @@ impl Cli {
         };
         if let Some(v) = &self.database_url {
             config.database_url = v.clone();
+        }
+        if let Some(v) = &self.database_password_file {
+            config.database_password_file = v.clone();
+        }
+        if let Some(v) = &self.kafka_sasl_password_file {
+            config.kafka_sasl_password_file = v.clone();
+        }
+        // Secrets themselves come only from the environment (or the files above).
+        if let Ok(v) = std::env::var("OUTBOXD_DATABASE_PASSWORD") {
+            config.database_password = Some(outboxd::secrets::Secret::new(v));
+        }
+        if let Ok(v) = std::env::var("OUTBOXD_KAFKA_SASL_PASSWORD") {
+            config.kafka_sasl_password = Some(outboxd::secrets::Secret::new(v));
         }
         if let Some(v) = &self.brokers {
             config.brokers = v.clone();
@@ -236,9 +256,7 @@ async fn execute(cli: Cli) -> Result<(), Error> {
         }
         Command::CheckConfig => {
             config.validate()?;
-            let mut shown = config.clone();
-            shown.database_url = mask_password(&shown.database_url);
-            println!("{shown:#?}");
+            println!("{:#?}", config.masked());
             Ok(())
         }
         Command::PrintSql => {
@@ -297,7 +315,9 @@ async fn connect_db(config: &mut Config) -> Result<tokio_postgres::Client, Error
         config.brokers = "unused".to_owned();
     }
     config.validate()?;
-    let (client, connection) = tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
+    let (client, connection) = config
+        .pg_config()?
+        .connect(tokio_postgres::NoTls)
         .await
         .map_err(|source| Error::Postgres {
             context: "connecting",
@@ -334,24 +354,5 @@ async fn wait_for_signal() {
             // Without signal handlers, ctrl-c is the only way to stop gracefully.
             let _ = tokio::signal::ctrl_c().await;
         }
-    }
-}
-
-/// Replaces the password in a `postgres://user:password@host` URL with `***`.
-fn mask_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }

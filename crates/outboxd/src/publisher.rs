@@ -90,6 +90,9 @@ pub fn producer_config(config: &Config, max_record_bytes: usize) -> Result<Clien
     for (k, v) in &config.kafka {
         c.set(k, v);
     }
+    if let Some(password) = config.kafka_sasl_password()? {
+        c.set("sasl.password", password.expose());
+    }
     Ok(c)
 }
 

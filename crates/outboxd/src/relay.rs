@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::faults::Faults;
 use crate::health::Health;
 use crate::ownership::Ownership;
@@ -88,10 +88,7 @@ async fn run_relay(
         return Ok(());
     };
     let schema = config.schema()?;
-    let pg_config: tokio_postgres::Config = config
-        .database_url
-        .parse()
-        .map_err(Error::pg("parsing database_url"))?;
+    let pg_config = config.pg_config()?;
     tracing::info!(%instance, "registered as a relay instance");
     let ownership = Arc::new(Ownership::new(instance, config.lease_ttl()));
     health.set_ownership(Arc::clone(&ownership));

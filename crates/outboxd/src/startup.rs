@@ -65,10 +65,7 @@ const TASK: &str = "startup";
 
 async fn read(config: &Config) -> Result<Started> {
     let schema = config.schema()?;
-    let pg_config: tokio_postgres::Config = config
-        .database_url
-        .parse()
-        .map_err(Error::pg("parsing database_url"))?;
+    let pg_config = config.pg_config()?;
     let control = crate::session::connect(&pg_config, crate::sql::SESSION_SETUP, "control").await?;
     outbox::check_schema(&control, &schema).await?;
     let sql = Statements::new(&schema);

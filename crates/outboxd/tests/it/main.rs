@@ -18,6 +18,7 @@ mod proxy;
 mod refusals;
 mod roles;
 mod scaling;
+mod secrets;
 mod supervision;
 mod support;
 mod tour;
