@@ -101,6 +101,7 @@ async fn run_relay(
     // partition whose worker starts only then (see `Poller::run`).
     let mailboxes: Vec<Arc<Mailbox>> = (0..MAX_PARTITIONS).map(|_| Arc::default()).collect();
     let served = Arc::new(Served::new(MAX_PARTITIONS, partitions));
+    let served_here = Arc::clone(&served);
     let (spawn_tx, mut spawn_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
     let pulse = Arc::new(PollerPulse::default());
     let sessions = Arc::new(crate::sessions::SessionPool::new(
@@ -147,7 +148,6 @@ async fn run_relay(
                             mailboxes: mailboxes.clone(),
                             served: Arc::clone(&served),
                             spawn: spawn_tx.clone(),
-                            ownership: Arc::clone(&ctx.ownership),
                             health: Arc::clone(&ctx.health),
                             pulse: Arc::clone(&pulse),
                             start,
@@ -205,12 +205,28 @@ async fn run_relay(
     }
     tracing::info!(partitions, schema = %schema, "relay started");
 
+    let mut view = ctx.ownership.subscribe();
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             Some(partition) = spawn_rx.recv() => {
                 tracing::info!(partition, "messages in a partition without a worker: starting one");
                 supervisor.spawn(Task::Worker(partition));
+            }
+            Ok(()) = view.changed() => {
+                // Every instance runs a worker for every partition that needs an owner (below
+                // the count, and above it while it holds messages), so that whichever the view
+                // gives this instance is claimed at once, also one whose messages were
+                // committed while this instance's poller did not see them (it started later,
+                // or restarted after a crash of the database).
+                let needed = view.borrow_and_update().as_deref().map(|v| {
+                    (0..v.count).chain(v.above.iter().copied()).collect::<Vec<i32>>()
+                });
+                for partition in needed.unwrap_or_default() {
+                    if usize::try_from(partition).is_ok_and(|i| served_here.claim(i)) {
+                        supervisor.spawn(Task::Worker(partition));
+                    }
+                }
             }
             running = supervisor.watch_next() => {
                 if !running {

@@ -12,7 +12,6 @@ use tokio::sync::{Notify, watch};
 use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
-use crate::ownership::Ownership;
 use crate::periodic::Periodic;
 use crate::reader::Window;
 use crate::session::Incarnation;
@@ -187,8 +186,6 @@ pub struct Poller {
     pub served: Arc<Served>,
     /// Where to ask for a new worker.
     pub spawn: tokio::sync::mpsc::UnboundedSender<i32>,
-    /// The ownership view (read by the lease task), for the partition count.
-    pub ownership: Arc<Ownership>,
     /// Where the poller reports its problems.
     pub health: Arc<crate::health::Health>,
     /// Where the poller reports that it is alive.
@@ -216,7 +213,6 @@ impl Poller {
             mailboxes,
             served,
             spawn,
-            ownership,
             health,
             pulse,
             start,
@@ -226,8 +222,6 @@ impl Poller {
         let mut backoff = Backoff::new(retry.0, retry.1);
         // `poll_windows` prepared on the current connection.
         let mut prepared: Option<tokio_postgres::Statement> = None;
-        // Workers were started for every partition below this.
-        let mut spawned_below = 0;
         // Said once, not every tick.
         let mut warned_outside = false;
         while periodic.tick().await {
@@ -276,20 +270,6 @@ impl Poller {
                 Ok(row) => {
                     backoff.reset();
                     pulse.beat();
-                    // Every instance runs a worker for every partition below the count, so
-                    // that each can claim whichever the ownership view gives it.
-                    if let Some(view) = ownership.view()
-                        && view.count > spawned_below
-                    {
-                        for p in spawned_below.max(0)..view.count {
-                            if let Ok(index) = usize::try_from(p)
-                                && served.claim(index)
-                            {
-                                let _ = spawn.send(p);
-                            }
-                        }
-                        spawned_below = view.count;
-                    }
                     let decoded = (|| {
                         Ok::<_, crate::Error>((
                             row.try_get::<_, String>(0)

@@ -463,3 +463,50 @@ async fn three_instances_started_at_once_share_the_partitions_evenly() {
     }
     setup.cleanup().await;
 }
+
+/// An instance runs a worker for every partition the view says needs an owner, also one
+/// above the count whose messages its own poller never announced (here the poller looks only
+/// once a minute; in the chaos run that found this, it had restarted after a database crash
+/// and so never saw those commits): the partition was given to an instance without a worker
+/// for it, and waited 11.5 s until a new commit made one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_above_the_count_gets_a_worker_from_the_view_alone() {
+    let setup = Setup::new(2).await;
+    let topic = outbox_testkit::create_topic("above", 1).await;
+    let relay = RunningRelay::start(outboxd::Config {
+        wakeup_interval_ms: 60_000,
+        ..setup.relay_config()
+    });
+    wait_until(
+        Duration::from_secs(30),
+        "the relay holds partitions 0 and 1",
+        || async {
+            let owners = owners(&setup).await;
+            owners.contains_key(&0) && owners.contains_key(&1)
+        },
+    )
+    .await;
+    // An entity mapped above the count, as before the count was lowered.
+    setup
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {}.entity_partition (entity_key, partition) VALUES ('E', 6)",
+                setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("mapping");
+    let ids = write_messages(&setup.outbox, &topic, &[("E".into(), b"e1".to_vec())]).await;
+    wait_until(
+        Duration::from_secs(15),
+        "the message above the count is relayed",
+        || async { setup.remaining().await == 0 },
+    )
+    .await;
+    let consumed = outbox_testkit::consume(&topic, 1, Duration::from_secs(10));
+    outbox_testkit::assert_dedup_order(&consumed, &ids);
+    relay.stop().await;
+    setup.cleanup().await;
+}
