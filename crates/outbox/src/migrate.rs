@@ -161,17 +161,35 @@ async fn apply_pending(client: &tokio_postgres::Client, schema: &Schema) -> Resu
         ))
         .await
         .map_err(Error::db("creating the schema"))?;
-    let applied: Vec<i32> = client
+    let applied: Vec<(i32, String)> = client
         .query(
-            &format!("SELECT version FROM {name}.schema_migrations"),
+            &format!("SELECT version, name FROM {name}.schema_migrations"),
             &[],
         )
         .await
         .map_err(Error::db("reading applied migrations"))?
         .iter()
-        .map(|r| r.try_get(0))
-        .collect::<std::result::Result<_, _>>()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<std::result::Result<_, tokio_postgres::Error>>()
         .map_err(Error::db("reading applied migrations"))?;
+    // A version recorded under another name is not this migration (a build from an
+    // unreleased branch applied its own): applying the rest on top would leave the schema
+    // missing what this build's migration of that number creates.
+    for (version, applied_name) in &applied {
+        if let Some(m) = MIGRATIONS
+            .iter()
+            .find(|m| m.version == *version && m.name != applied_name)
+        {
+            return Err(Error::SchemaConflict {
+                schema: name.to_owned(),
+                problem: format!(
+                    "its version {version} was applied as {applied_name:?}, but this build's migration {version} is {:?}; restore the schema from a release's migrations or recreate it",
+                    m.name
+                ),
+            });
+        }
+    }
+    let applied: Vec<i32> = applied.into_iter().map(|(v, _)| v).collect();
     for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
         tracing::info!(schema = name, migration = m.name, "applying migration");
         client

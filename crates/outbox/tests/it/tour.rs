@@ -516,3 +516,33 @@ async fn migrate_refuses_schemas_that_are_not_the_outboxs() {
         outbox_testkit::drop_schema(&client, schema.name()).await;
     }
 }
+
+/// A schema whose recorded migration of some version has another name than this build's
+/// (an unreleased branch applied its own) is refused by name, instead of being migrated on
+/// top into a schema that lacks what this build's migration creates. Found on a development
+/// database that had an unreleased `0004_limits`: the relay then failed on a missing table.
+#[tokio::test]
+async fn migrate_refuses_a_version_recorded_under_another_name() {
+    let client = outbox_testkit::connect().await;
+    let schema = Schema::new(outbox_testkit::unique_name("renamed")).expect("name");
+    outbox::migrate_schema(&client, &schema)
+        .await
+        .expect("migrate");
+    client
+        .execute(
+            &format!(
+                "UPDATE {schema}.schema_migrations SET name = '0004_limits' WHERE version = 4"
+            ),
+            &[],
+        )
+        .await
+        .expect("rename");
+    let err = outbox::migrate_schema(&client, &schema)
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, Error::SchemaConflict { problem, .. } if problem.contains("0004_limits") && problem.contains("0004_leases")),
+        "{err}"
+    );
+    outbox_testkit::drop_schema(&client, schema.name()).await;
+}
