@@ -47,7 +47,10 @@ pub struct Statements {
     pub register_instance: String,
     /// Keeps this instance alive and renews the leases its workers hold, and only those: a
     /// lease of this instance that no worker holds any more (one that was fenced, or whose
-    /// release failed) runs out instead of being kept alive for ever. `$1`: instance id,
+    /// release failed) runs out instead of being kept alive for ever. A held lease that
+    /// expired (PostgreSQL was away longer than the TTL) is renewed too while it still
+    /// carries the worker's epoch: nobody claimed it meanwhile (a claim changes the owner and
+    /// the epoch, and the row lock orders a claim and a renewal). `$1`: instance id,
     /// `$2`: TTL in ms, `$3`: host, `$4`: process id, `$5`: held partitions, `$6`: their
     /// epochs. Returns the instance's lock key and the renewed partitions and their epochs.
     pub renew_leases: String,
@@ -262,7 +265,7 @@ impl Statements {
                         SET expires_at = now() + $2::int8 * interval '1 millisecond'
                        FROM unnest($5::int4[], $6::int8[]) AS h(partition, epoch)
                       WHERE l.owner = $1::text::uuid AND l.partition = h.partition
-                        AND l.epoch = h.epoch AND l.expires_at > now()
+                        AND l.epoch = h.epoch
                      RETURNING l.partition, l.epoch
                  )
                  SELECT (SELECT lock_key FROM instance),

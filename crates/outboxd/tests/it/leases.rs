@@ -510,3 +510,60 @@ async fn a_partition_above_the_count_gets_a_worker_from_the_view_alone() {
     relay.stop().await;
     setup.cleanup().await;
 }
+
+/// A held lease that expired (as when PostgreSQL was away longer than the TTL) but that no
+/// instance claimed is renewed with its epoch, so its worker goes on instead of being fenced
+/// and claiming again. Found by the chaos harness as partitions "without a live owner" for
+/// 16 s while their worker waited for Kafka after a database crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_nobody_claimed_is_renewed_with_its_epoch() {
+    let setup = Setup::new(1).await;
+    let relay = RunningRelay::start(outboxd::Config {
+        lease_ttl_ms: 1_500,
+        ..setup.relay_config()
+    });
+    let epoch_of = || async {
+        setup
+            .client
+            .query_opt(
+                &format!(
+                    "SELECT epoch, expires_at > now() FROM {}.partition_lease
+                      WHERE partition = 0 AND owner IS NOT NULL",
+                    setup.schema
+                ),
+                &[],
+            )
+            .await
+            .expect("lease")
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, bool>(1)))
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the relay holds partition 0",
+        || async { epoch_of().await.is_some_and(|(_, valid)| valid) },
+    )
+    .await;
+    let (epoch, _) = epoch_of().await.expect("held");
+    setup
+        .client
+        .execute(
+            &format!(
+                "UPDATE {}.partition_lease SET expires_at = now() - interval '1 second'
+                  WHERE partition = 0",
+                setup.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("expire the lease");
+    wait_until(Duration::from_secs(10), "the lease is renewed", || async {
+        epoch_of().await.is_some_and(|(_, valid)| valid)
+    })
+    .await;
+    // Three TTLs later it still carries the same epoch: no fencing, no new claim.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    assert_eq!(epoch_of().await, Some((epoch, true)));
+    assert_eq!(fencing_rejections(&relay), 0);
+    relay.stop().await;
+    setup.cleanup().await;
+}
