@@ -90,12 +90,16 @@ fn build_outboxd() -> PathBuf {
 }
 
 fn spawn(binary: &PathBuf, db: &BenchDb, log: &str) -> Child {
+    spawn_for(binary, db.schema.name(), log)
+}
+
+fn spawn_for(binary: &PathBuf, schema: &str, log: &str) -> Child {
     let log = std::fs::File::create(std::env::temp_dir().join(log)).expect("log");
     Command::new(binary)
         .arg("run")
         .env("OUTBOXD_DATABASE_URL", outbox_testkit::database_url())
         .env("OUTBOXD_BROKERS", outbox_testkit::brokers())
-        .env("OUTBOXD_SCHEMA", db.schema.name())
+        .env("OUTBOXD_SCHEMA", schema)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
@@ -257,18 +261,7 @@ async fn kill_every_5s(binary: &PathBuf) {
                 if Instant::now() >= next {
                     signal(&relays[i], "-KILL");
                     let _ = relays[i].wait();
-                    let log = std::fs::File::create(std::env::temp_dir().join("killing-re.log"))
-                        .expect("log");
-                    relays[i] = Command::new(&binary)
-                        .arg("run")
-                        .env("OUTBOXD_DATABASE_URL", outbox_testkit::database_url())
-                        .env("OUTBOXD_BROKERS", outbox_testkit::brokers())
-                        .env("OUTBOXD_SCHEMA", &schema)
-                        .env("RUST_LOG", "info")
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::from(log))
-                        .spawn()
-                        .expect("spawn outboxd");
+                    relays[i] = spawn_for(&binary, &schema, "killing-re.log");
                     kills += 1;
                     i = (i + 1) % relays.len();
                     next += Duration::from_secs(5);

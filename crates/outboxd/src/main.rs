@@ -256,7 +256,8 @@ async fn execute(cli: Cli) -> Result<(), Error> {
         }
         Command::CheckConfig => {
             config.validate()?;
-            println!("{:#?}", config.masked());
+            // `Debug` masks every password (see `Config::masked`).
+            println!("{config:#?}");
             Ok(())
         }
         Command::PrintSql => {

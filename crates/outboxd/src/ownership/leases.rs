@@ -30,6 +30,11 @@ pub fn host_name() -> String {
         .unwrap_or_default()
 }
 
+/// This process's id, as `relay_instance.pid` takes it.
+fn process_id() -> i32 {
+    i32::try_from(std::process::id()).unwrap_or(0)
+}
+
 /// The TTL in milliseconds, as the statements take it.
 fn ttl_ms(ownership: &Ownership) -> i64 {
     i64::try_from(ownership.ttl().as_millis()).unwrap_or(i64::MAX)
@@ -38,9 +43,11 @@ fn ttl_ms(ownership: &Ownership) -> i64 {
 /// Registers this instance (a new id each process start). Returns its id.
 pub async fn register(client: &Client, sql: &Statements, ttl: Duration) -> Result<String> {
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-    let pid = i32::try_from(std::process::id()).unwrap_or(0);
     client
-        .query_one(&sql.register_instance, &[&host_name(), &pid, &ttl_ms])
+        .query_one(
+            &sql.register_instance,
+            &[&host_name(), &process_id(), &ttl_ms],
+        )
         .await
         .map_err(Error::pg("registering the relay instance"))?
         .try_get(0)
@@ -62,6 +69,8 @@ pub async fn run(
     shutdown_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    // Who this is, for operators' eyes in `relay_instance`: read once.
+    let (host, pid) = (host_name(), process_id());
     let renew_every = ownership.ttl() / 3;
     let mut session: Option<Session> = None;
     let mut renewed_at: Option<Instant> = None;
@@ -90,7 +99,7 @@ pub async fn run(
             let mut result = Ok(());
             if renewed_at.is_none_or(|t| t.elapsed() >= renew_every) {
                 renewed_at = Some(Instant::now());
-                result = renew(s, &sql, &ownership).await;
+                result = renew(s, &sql, &ownership, &host, pid).await;
             }
             if result.is_ok() && !*stop.borrow() {
                 result = read_view(&s.client, &sql, &ownership, &health).await;
@@ -166,8 +175,13 @@ async fn read_view(
 }
 
 /// One renewal: registration, the instance lock, every held lease.
-async fn renew(s: &mut Session, sql: &Statements, ownership: &Ownership) -> Result<()> {
-    let pid = i32::try_from(std::process::id()).unwrap_or(0);
+async fn renew(
+    s: &mut Session,
+    sql: &Statements,
+    ownership: &Ownership,
+    host: &str,
+    pid: i32,
+) -> Result<()> {
     let (held_partitions, held_epochs): (Vec<i32>, Vec<i64>) = ownership
         .leases()
         .into_iter()
@@ -181,7 +195,7 @@ async fn renew(s: &mut Session, sql: &Statements, ownership: &Ownership) -> Resu
             &[
                 &ownership.instance(),
                 &ttl_ms(ownership),
-                &host_name(),
+                &host,
                 &pid,
                 &held_partitions,
                 &held_epochs,
