@@ -277,10 +277,16 @@ impl Config {
             problems.push(
                 "database_url is required (--database-url or OUTBOXD_DATABASE_URL)".to_owned(),
             );
-        } else if let Err(e) = self.database_url.parse::<tokio_postgres::Config>() {
-            problems.push(format!(
-                "database_url is not a valid connection string: {e}"
-            ));
+        } else {
+            // The TLS files are read here too: a missing CA file shows in check-config.
+            match crate::connect::Database::new(&self.database_url, None) {
+                Ok(_) => {}
+                Err(Error::Config(found)) => problems.extend(found),
+                Err(Error::Postgres { source, .. }) => problems.push(format!(
+                    "database_url is not a valid connection string: {source}"
+                )),
+                Err(other) => problems.push(format!("database_url: {other}")),
+            }
         }
         if self.brokers.trim().is_empty() {
             problems.push("brokers is required (--brokers or OUTBOXD_BROKERS)".to_owned());
@@ -379,21 +385,18 @@ impl Config {
         self.topics.get(topic).map_or(self.on_error, |t| t.on_error)
     }
 
-    /// The PostgreSQL connection settings: `database_url` with the password from
+    /// How to reach PostgreSQL: `database_url` (with its TLS options) and the password from
     /// `database_password_file` or the environment, when one is given.
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config> {
-        let mut pg: tokio_postgres::Config = self
-            .database_url
-            .parse()
-            .map_err(Error::pg("parsing database_url"))?;
-        if !self.database_password_file.is_empty() {
-            let secret =
+    pub fn database(&self) -> Result<crate::connect::Database> {
+        let file_secret;
+        let password = if !self.database_password_file.is_empty() {
+            file_secret =
                 crate::secrets::read_file(&self.database_password_file, "database password")?;
-            pg.password(secret.expose());
-        } else if let Some(secret) = &self.database_password {
-            pg.password(secret.expose());
-        }
-        Ok(pg)
+            Some(&file_secret)
+        } else {
+            self.database_password.as_ref()
+        };
+        crate::connect::Database::new(&self.database_url, password)
     }
 
     /// Kafka's `sasl.password` from `kafka_sasl_password_file` or the environment, if given.
@@ -458,8 +461,9 @@ mod tests {
             ..Config::default()
         };
         let password = |c: &Config| {
-            c.pg_config()
-                .expect("pg config")
+            c.database()
+                .expect("database")
+                .config()
                 .get_password()
                 .map(<[u8]>::to_vec)
         };

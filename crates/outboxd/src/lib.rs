@@ -20,12 +20,14 @@
 
 pub mod backoff;
 pub mod config;
+pub mod connect;
 mod delivery;
 mod error;
 pub mod faults;
 mod guards;
 pub mod health;
 pub mod http;
+mod kafka_log;
 mod kafka_watch;
 pub mod mappings;
 pub mod metrics;

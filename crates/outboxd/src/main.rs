@@ -316,16 +316,7 @@ async fn connect_db(config: &mut Config) -> Result<tokio_postgres::Client, Error
         config.brokers = "unused".to_owned();
     }
     config.validate()?;
-    let (client, connection) = config
-        .pg_config()?
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|source| Error::Postgres {
-            context: "connecting",
-            source,
-        })?;
-    tokio::spawn(connection);
-    Ok(client)
+    config.database()?.connect("operator command").await
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits the process at once.

@@ -101,7 +101,7 @@ impl MappingCleanup {
 /// Runs [`MappingCleanup::run_once`] every `interval` until `stop` turns true, on its own
 /// connection (reconnecting with backoff).
 pub async fn run_cleanup(
-    pg_config: tokio_postgres::Config,
+    database: crate::connect::Database,
     sql: Statements,
     interval: Duration,
     ttl: Duration,
@@ -116,7 +116,7 @@ pub async fn run_cleanup(
         if client.as_ref().is_none_or(Client::is_closed) {
             // Default planner settings: the check for waiting messages is an anti-join the
             // planner should be free to hash.
-            client = match connect(&pg_config, "SET jit = off;", "mapping cleanup").await {
+            client = match connect(&database, "SET jit = off;", "mapping cleanup").await {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "mapping cleanup cannot connect; retrying");

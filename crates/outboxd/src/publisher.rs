@@ -149,17 +149,35 @@ impl ProducerEvents {
     }
 }
 
-/// The producers' client context: records client-level errors.
+/// The producers' client context: records client-level errors, forwards librdkafka's log.
 #[derive(Clone)]
-struct EventsContext(Arc<ProducerEvents>);
+struct EventsContext {
+    events: Arc<ProducerEvents>,
+    /// The client speaks neither TLS nor SASL (for the log's hints).
+    plaintext: bool,
+}
+
+impl EventsContext {
+    fn new(events: &Arc<ProducerEvents>, config: &ClientConfig) -> EventsContext {
+        let protocol = config.get("security.protocol").unwrap_or("plaintext");
+        EventsContext {
+            events: Arc::clone(events),
+            plaintext: protocol.eq_ignore_ascii_case("plaintext"),
+        }
+    }
+}
 
 impl ClientContext for EventsContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        crate::kafka_log::forward(level, facility, message, self.plaintext);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(%error, reason, "Kafka client error");
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            lock(&self.0.unreachable_since).get_or_insert_with(Instant::now);
+            lock(&self.events.unreachable_since).get_or_insert_with(Instant::now);
         }
-        *lock(&self.0.last_error) = Some((Instant::now(), format!("{error}: {reason}")));
+        *lock(&self.events.last_error) = Some((Instant::now(), format!("{error}: {reason}")));
     }
 }
 
@@ -194,7 +212,7 @@ impl Publisher {
         let events = Arc::new(ProducerEvents::default());
         let main = producer_config(config, max_record_bytes)?;
         let producer: Producer2 = main
-            .create_with_context(EventsContext(Arc::clone(&events)))
+            .create_with_context(EventsContext::new(&events, &main))
             .map_err(Error::kafka("creating the producer"))?;
         Ok(Publisher {
             config: main,
@@ -267,7 +285,7 @@ impl Publisher {
                 *lock(&self.last_fatal) = Some((Instant::now(), format!("{code:?}: {reason}")));
                 let fresh: std::result::Result<Producer2, _> = self
                     .config
-                    .create_with_context(EventsContext(Arc::clone(&self.events)));
+                    .create_with_context(EventsContext::new(&self.events, &self.config));
                 match fresh {
                     Ok(fresh) => {
                         *guard = Arc::new(fresh);
@@ -376,7 +394,7 @@ impl Publisher {
         }
         let p: Producer2 = self
             .probe_config
-            .create_with_context(EventsContext(Arc::clone(&self.events)))?;
+            .create_with_context(EventsContext::new(&self.events, &self.probe_config))?;
         let p = Arc::new(p);
         *guard = Some(Arc::clone(&p));
         Ok(p)

@@ -88,7 +88,7 @@ async fn run_relay(
         return Ok(());
     };
     let schema = config.schema()?;
-    let pg_config = config.pg_config()?;
+    let database = config.database()?;
     tracing::info!(%instance, "registered as a relay instance");
     let ownership = Arc::new(Ownership::new(instance, config.lease_ttl()));
     health.set_ownership(Arc::clone(&ownership));
@@ -105,13 +105,13 @@ async fn run_relay(
     let (spawn_tx, mut spawn_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
     let pulse = Arc::new(PollerPulse::default());
     let sessions = Arc::new(crate::sessions::SessionPool::new(
-        pg_config.clone(),
+        database.clone(),
         sql.clone(),
         &schema,
         config.pool_size,
     ));
     let ctx = Arc::new(WorkerContext {
-        pg_config: pg_config.clone(),
+        database: database.clone(),
         sessions,
         sql: sql.clone(),
         publisher: Arc::new(publisher),
@@ -140,7 +140,7 @@ async fn run_relay(
                     let (client, start) = first.map_or((None, None), |(c, s)| (Some(c), Some(s)));
                     Box::pin(
                         Poller {
-                            pg_config: ctx.pg_config.clone(),
+                            database: ctx.database.clone(),
                             client,
                             sql: ctx.sql.clone(),
                             interval: ctx.config.wakeup_interval(),
@@ -156,7 +156,7 @@ async fn run_relay(
                     )
                 }
                 Task::Leases => Box::pin(crate::ownership::leases::run(
-                    ctx.pg_config.clone(),
+                    ctx.database.clone(),
                     ctx.sql.clone(),
                     Arc::clone(&ctx.ownership),
                     Arc::clone(&ctx.health),
@@ -169,7 +169,7 @@ async fn run_relay(
                     stop_rx.clone(),
                 )),
                 Task::MappingCleanup => Box::pin(crate::mappings::run_cleanup(
-                    ctx.pg_config.clone(),
+                    ctx.database.clone(),
                     ctx.sql.clone(),
                     std::time::Duration::from_millis(ctx.config.mapping_cleanup_interval_ms),
                     std::time::Duration::from_secs(ctx.config.mapping_ttl_s),

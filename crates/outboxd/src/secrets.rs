@@ -86,8 +86,14 @@ pub fn mask_connection_string(text: &str) -> String {
             mask_query_password(&masked)
         );
     }
-    mask_key_value_password(text)
+    PASSWORD_KEYS
+        .iter()
+        .fold(text.to_owned(), |t, key| mask_key_value(&t, key))
 }
+
+/// The connection-string keys whose values are secrets: the password and the passphrase of
+/// the client's TLS key.
+const PASSWORD_KEYS: &[&str] = &["password", "sslpassword"];
 
 fn mask_query_password(text: &str) -> String {
     let Some(q) = text.find('?') else {
@@ -96,24 +102,26 @@ fn mask_query_password(text: &str) -> String {
     let params: Vec<String> = text[q + 1..]
         .split('&')
         .map(|p| match p.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            Some((k, _)) if PASSWORD_KEYS.iter().any(|p| k.eq_ignore_ascii_case(p)) => {
+                format!("{k}=***")
+            }
             _ => p.to_owned(),
         })
         .collect();
     format!("{}?{}", &text[..q], params.join("&"))
 }
 
-/// Masks `password=...` in a key=value connection string (the value may be single-quoted,
+/// Masks `key=...` in a key=value connection string (the value may be single-quoted,
 /// with backslash escapes, as libpq allows).
-fn mask_key_value_password(text: &str) -> String {
+fn mask_key_value(text: &str, key: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(pos) = find_key(rest, "password") {
+    while let Some(pos) = find_key(rest, key) {
         out.push_str(&rest[..pos]);
-        let after_key = &rest[pos + "password".len()..];
+        let after_key = &rest[pos + key.len()..];
         let trimmed = after_key.trim_start();
         let Some(value) = trimmed.strip_prefix('=') else {
-            out.push_str("password");
+            out.push_str(key);
             rest = after_key;
             continue;
         };
@@ -135,7 +143,8 @@ fn mask_key_value_password(text: &str) -> String {
         } else {
             value.find(char::is_whitespace).unwrap_or(value.len())
         };
-        out.push_str("password=***");
+        out.push_str(key);
+        out.push_str("=***");
         rest = &value[end.min(value.len())..];
     }
     out.push_str(rest);
@@ -173,6 +182,11 @@ mod tests {
             ("host=db user=relay password=s3cr3t dbname=app", "s3cr3t"),
             ("host=db password = 's3 cr\\'3t' dbname=app", "cr\\'3t"),
             ("password=s3cr3t", "s3cr3t"),
+            ("host=db sslkey=/k.pem sslpassword='k3y pass'", "k3y pass"),
+            (
+                "postgres://db/app?sslkey=/k.pem&sslpassword=k3ypass",
+                "k3ypass",
+            ),
         ] {
             let masked = mask_connection_string(text);
             assert!(!masked.contains(secret), "{text} -> {masked}");

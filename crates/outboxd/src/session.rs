@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
 use crate::sql::Statements;
@@ -52,19 +52,11 @@ pub async fn incarnation(client: &Client, sql: &Statements) -> Result<Incarnatio
 /// Connects, spawns the connection's driver, and runs `setup` (e.g. `sql::SESSION_SETUP`
 /// plus an `application_name`). `role` names the session in logs and errors.
 pub async fn connect(
-    pg_config: &tokio_postgres::Config,
+    database: &crate::connect::Database,
     setup: &str,
     role: &'static str,
 ) -> Result<Client> {
-    let (client, connection) = pg_config
-        .connect(NoTls)
-        .await
-        .map_err(Error::pg("connecting"))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, session = role, "connection ended");
-        }
-    });
+    let client = database.connect(role).await?;
     client
         .batch_execute(setup)
         .await

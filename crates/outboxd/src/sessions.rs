@@ -37,7 +37,7 @@ pub struct Session {
 
 /// The pool; see the module docs.
 pub struct SessionPool {
-    pg_config: tokio_postgres::Config,
+    database: crate::connect::Database,
     /// `SET application_name ...`: `outboxd worker <schema>`, so operators (and tests) can
     /// tell the workers of one schema's relays apart.
     name: String,
@@ -49,13 +49,13 @@ pub struct SessionPool {
 impl SessionPool {
     /// A pool of at most `size` sessions (at least one) for the relay of `schema`.
     pub fn new(
-        pg_config: tokio_postgres::Config,
+        database: crate::connect::Database,
         sql: Statements,
         schema: &outbox::Schema,
         size: usize,
     ) -> Self {
         SessionPool {
-            pg_config,
+            database,
             name: format!("SET application_name = 'outboxd worker {}';", schema.name()),
             sql,
             permits: Arc::new(Semaphore::new(size.max(1))),
@@ -98,7 +98,7 @@ impl SessionPool {
 
     async fn open(&self) -> Result<Session> {
         let client = crate::session::connect(
-            &self.pg_config,
+            &self.database,
             &format!("{SESSION_SETUP} {}", self.name),
             "partition worker",
         )

@@ -65,8 +65,9 @@ const TASK: &str = "startup";
 
 async fn read(config: &Config) -> Result<Started> {
     let schema = config.schema()?;
-    let pg_config = config.pg_config()?;
-    let control = crate::session::connect(&pg_config, crate::sql::SESSION_SETUP, "control").await?;
+    let database = config.database()?;
+    let control = crate::session::connect(&database, crate::sql::SESSION_SETUP, "control").await?;
+    report_encryption(&control, &database).await?;
     outbox::check_schema(&control, &schema).await?;
     let sql = Statements::new(&schema);
     crate::guards::check_id_sequence(&control, &sql).await?;
@@ -96,4 +97,23 @@ async fn read(config: &Config) -> Result<Started> {
         max_record_bytes: usize::try_from(max_record_bytes).unwrap_or(0),
         start,
     })
+}
+
+/// Says whether the sessions are encrypted. `sslmode=prefer` (libpq's and the relay's
+/// default) falls back to plaintext without an error when the server offers no TLS: that
+/// must at least show.
+async fn report_encryption(control: &Client, database: &crate::connect::Database) -> Result<()> {
+    let mode = database.ssl_mode().name();
+    if crate::connect::session_is_encrypted(control).await? {
+        tracing::info!(sslmode = mode, "PostgreSQL sessions are encrypted (TLS)");
+    } else if database.ssl_mode() == crate::connect::SslMode::Prefer {
+        tracing::warn!(
+            sslmode = mode,
+            "PostgreSQL sessions are NOT encrypted: the server offers no TLS and sslmode=prefer \
+             fell back to plaintext; set sslmode=verify-full (or require) to insist on TLS"
+        );
+    } else {
+        tracing::info!(sslmode = mode, "PostgreSQL sessions are not encrypted");
+    }
+    Ok(())
 }

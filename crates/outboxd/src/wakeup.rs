@@ -169,7 +169,7 @@ impl Served {
 /// Everything the poller needs.
 pub struct Poller {
     /// Connection settings, for reconnecting.
-    pub pg_config: tokio_postgres::Config,
+    pub database: crate::connect::Database,
     /// The first connection (already set up), or `None` to connect (a restarted poller).
     pub client: Option<Client>,
     /// The SQL texts.
@@ -205,7 +205,7 @@ impl Poller {
     /// a later window).
     pub async fn run(self, stop: watch::Receiver<bool>) {
         let Poller {
-            pg_config,
+            database,
             mut client,
             sql,
             interval,
@@ -228,7 +228,7 @@ impl Poller {
             let (Some(c), Some(current)) = (client.as_ref().filter(|c| !c.is_closed()), &mut state)
             else {
                 prepared = None;
-                client = reconnect(&pg_config).await;
+                client = reconnect(&database).await;
                 let fresh = match &client {
                     Some(c) => initial_state(c, &sql).await.map_err(|e| {
                         tracing::warn!(error = %e, "wake-up poller cannot read its starting point");
@@ -339,8 +339,8 @@ impl Poller {
     }
 }
 
-async fn reconnect(pg_config: &tokio_postgres::Config) -> Option<Client> {
-    crate::session::connect(pg_config, SESSION_SETUP, "wake-up poller")
+async fn reconnect(database: &crate::connect::Database) -> Option<Client> {
+    crate::session::connect(database, SESSION_SETUP, "wake-up poller")
         .await
         .ok()
 }

@@ -29,7 +29,7 @@ use crate::wakeup::{Mailbox, PollerPulse};
 /// What every worker shares.
 pub struct WorkerContext {
     /// Connection settings, for the relay's other tasks.
-    pub pg_config: tokio_postgres::Config,
+    pub database: crate::connect::Database,
     /// The workers' bounded pool of sessions.
     pub sessions: Arc<SessionPool>,
     /// The SQL texts.

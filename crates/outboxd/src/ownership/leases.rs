@@ -62,7 +62,7 @@ struct Session {
 
 /// Runs until `stop` turns true and the workers let their partitions go; see the module docs.
 pub async fn run(
-    pg_config: tokio_postgres::Config,
+    database: crate::connect::Database,
     sql: Statements,
     ownership: Arc<Ownership>,
     health: Arc<Health>,
@@ -79,7 +79,7 @@ pub async fn run(
         if session.as_ref().is_none_or(|s| s.client.is_closed()) {
             renewed_at = None;
             session = match crate::session::connect(
-                &pg_config,
+                &database,
                 &format!("{SESSION_SETUP} SET application_name = 'outboxd leases';"),
                 "lease renewal",
             )

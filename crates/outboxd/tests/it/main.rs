@@ -21,4 +21,5 @@ mod scaling;
 mod secrets;
 mod supervision;
 mod support;
+mod tls;
 mod tour;
