@@ -81,17 +81,40 @@ fn main() {
 }
 
 /// The relay's defaults, except `BENCH_WAKEUP_MS` (wakeup_interval_ms) and
-/// `BENCH_LINGER_MS` (the producer's `linger.ms`) when set.
+/// `BENCH_LINGER_MS` (the producer's `linger.ms`) when set. `BENCH_KAFKA_SASL_SSL=1`: the
+/// relay produces over the broker's SASL_SSL listener (TLS + SCRAM-SHA-512) of
+/// `scripts/services` instead of plaintext (what TLS costs).
 fn relay_config(db: &BenchDb) -> outboxd::Config {
     let defaults = outboxd::Config::default();
     let mut kafka = defaults.kafka.clone();
     if let Ok(linger) = std::env::var("BENCH_LINGER_MS") {
         kafka.insert("linger.ms".into(), linger);
     }
+    let mut brokers = outbox_testkit::brokers();
+    let mut kafka_sasl_password_file = String::new();
+    if std::env::var("BENCH_KAFKA_SASL_SSL").is_ok_and(|v| v == "1") {
+        let var = |name: &str| {
+            std::env::var(name)
+                .unwrap_or_else(|_| panic!("{name} is not set: eval \"$(scripts/services env)\""))
+        };
+        let tls = var("OUTBOX_TLS_DIR");
+        brokers = var("OUTBOX_KAFKA_SASL_SSL_BROKERS");
+        kafka_sasl_password_file = format!("{tls}/kafka-password");
+        for (k, v) in [
+            ("security.protocol", "sasl_ssl".to_owned()),
+            ("ssl.ca.location", format!("{tls}/ca.crt")),
+            ("sasl.mechanism", "SCRAM-SHA-512".to_owned()),
+            ("sasl.username", "outbox".to_owned()),
+        ] {
+            kafka.insert(k.into(), v);
+        }
+        println!("[relay] producing over SASL_SSL ({brokers})");
+    }
     outboxd::Config {
         kafka,
+        kafka_sasl_password_file,
         database_url: outbox_testkit::database_url(),
-        brokers: outbox_testkit::brokers(),
+        brokers,
         schema: db.schema.name().to_owned(),
         wakeup_interval_ms: std::env::var("BENCH_WAKEUP_MS")
             .ok()
