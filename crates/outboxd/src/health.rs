@@ -1,8 +1,11 @@
-//! What each partition worker is doing, for `/health` and for tests: a small shared map
-//! updated on every state change (not per message), read on request.
+//! What each partition worker is doing, for the probes (`/healthz`, `/readyz`, `/health`)
+//! and for tests: a small shared map updated on every state change (not per message), the
+//! heartbeats of the relay's loops, read on request.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::ownership::Ownership;
 
@@ -94,6 +97,10 @@ pub struct Health {
     parked_entities: Mutex<i64>,
     /// This instance's leases, once the relay runs.
     ownership: Mutex<Option<Arc<Ownership>>>,
+    /// The loops that say they are alive: when each last did, and how long it may be quiet.
+    beats: Mutex<BTreeMap<&'static str, (Instant, Duration)>>,
+    /// Start-up has read what the relay starts from (PostgreSQL was reached once).
+    started: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -139,6 +146,104 @@ impl Health {
         *lock(&self.parked_entities) = count;
     }
 
+    /// Records that the loop `name` is alive; liveness fails when it stays quiet for longer
+    /// than `allowance` (it is stuck: no outage makes a loop stop going round).
+    pub fn beat(&self, name: &'static str, allowance: Duration) {
+        lock(&self.beats).insert(name, (Instant::now(), allowance));
+    }
+
+    /// Records that start-up reached PostgreSQL and the relay's tasks run.
+    pub fn set_started(&self) {
+        self.started.store(true, Ordering::Relaxed);
+    }
+
+    /// Liveness (`/healthz`): every loop went round within its allowance. Outages of
+    /// PostgreSQL or Kafka never fail it: a restart would not end them.
+    pub fn liveness(&self) -> (bool, serde_json::Value) {
+        let beats = lock(&self.beats).clone();
+        let mut alive = true;
+        let loops: serde_json::Map<String, serde_json::Value> = beats
+            .into_iter()
+            .map(|(name, (at, allowance))| {
+                let quiet = at.elapsed();
+                alive &= quiet <= allowance;
+                (
+                    name.to_owned(),
+                    serde_json::json!({
+                        "quiet_ms": millis(quiet),
+                        "allowed_ms": millis(allowance),
+                    }),
+                )
+            })
+            .collect();
+        (alive, serde_json::json!({ "alive": alive, "loops": loops }))
+    }
+
+    /// Readiness (`/readyz`): PostgreSQL reached and no task failing, Kafka reachable, and
+    /// every partition the shared view gives this instance held under a lease. Blocked
+    /// partitions are listed, but do not make the instance unready: another instance would
+    /// be blocked by the same message.
+    pub fn readiness(&self) -> (bool, serde_json::Value) {
+        let mut reasons = Vec::new();
+        if !self.started.load(Ordering::Relaxed) {
+            reasons.push("starting: PostgreSQL not reached yet".to_owned());
+        }
+        let tasks = lock(&self.task_problems).clone();
+        for (task, why) in &tasks {
+            reasons.push(format!("{task}: {why}"));
+        }
+        let snapshot = self.snapshot();
+        for (p, state) in &snapshot {
+            if let PartitionState::Disconnected { error } = state {
+                reasons.push(format!("partition {p} disconnected: {error}"));
+            }
+        }
+        let kafka = lock(&self.kafka).clone();
+        if let Some(why) = &kafka {
+            reasons.push(format!("Kafka unreachable: {why}"));
+        }
+        let mut share = serde_json::Value::Null;
+        if let Some(o) = lock(&self.ownership).clone() {
+            let held: Vec<i32> = o.leases().into_keys().collect();
+            match o.view() {
+                Some(view) => {
+                    let assigned = view.owned_by(o.instance());
+                    let missing: Vec<i32> = assigned
+                        .iter()
+                        .copied()
+                        .filter(|p| !held.contains(p))
+                        .collect();
+                    if !missing.is_empty() {
+                        reasons.push(format!(
+                            "not holding partitions {missing:?} of its share yet"
+                        ));
+                    }
+                    share = serde_json::json!({
+                        "assigned": assigned, "held": held, "missing": missing,
+                    });
+                }
+                None => reasons.push("no ownership view read yet".to_owned()),
+            }
+        }
+        let blocked: Vec<serde_json::Value> = snapshot
+            .iter()
+            .filter_map(|(p, state)| match state {
+                PartitionState::Blocked { message_id, error } => Some(serde_json::json!({
+                    "partition": p, "message_id": message_id, "error": error,
+                })),
+                _ => None,
+            })
+            .collect();
+        let ready = reasons.is_empty();
+        let body = serde_json::json!({
+            "ready": ready,
+            "reasons": reasons,
+            "partitions": share,
+            "blocked": blocked,
+        });
+        (ready, body)
+    }
+
     /// A copy of every partition's state.
     pub fn snapshot(&self) -> BTreeMap<i32, PartitionState> {
         lock(&self.partitions).clone()
@@ -153,7 +258,7 @@ impl Health {
             && lock(&self.kafka).is_none()
     }
 
-    /// The `/health` body: `{"healthy": bool, "partitions": {"0": "relaying", ...}}`, this
+    /// The `/health` body (every detail; 503 when anything needs attention): `{"healthy": bool, "partitions": {"0": "relaying", ...}}`, this
     /// instance's id, its `leases` (epoch and age per partition), `lease_takeovers` and
     /// `fencing_rejections`, plus `task_problems`, `kafka`, `parked_entities` and `producer`
     /// when there is something to say.
@@ -207,4 +312,8 @@ impl Health {
         }
         body.to_string()
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -1,11 +1,23 @@
-//! A deliberately tiny HTTP/1.1 endpoint for operators: `GET /metrics` (Prometheus text, from
-//! whatever render function the binary passes) and `GET /health` (200 when every partition
-//! is fine, 503 otherwise, with a JSON body). One request per connection; nothing else.
+//! The operator's HTTP endpoints, served by axum on `http_listen`:
+//!
+//! - `GET /healthz`: liveness. 200 while the relay's loops go round; 503 when one is stuck.
+//!   Outages of PostgreSQL or Kafka never fail it (a restarted pod would not end them).
+//! - `GET /readyz`: readiness. 200 when PostgreSQL and Kafka are reachable and this instance
+//!   holds every partition of its share; blocked partitions are listed.
+//! - `GET /health`: every detail (partition states, leases, tasks, producer); 503 when
+//!   anything needs attention, Kafka retries included.
+//! - `GET /metrics`: Prometheus text.
+//!
+//! Bodies are JSON (but `/metrics`). Other methods get 405, other paths 404.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -15,8 +27,14 @@ use crate::health::Health;
 /// Renders the metrics text on request.
 pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
+#[derive(Clone)]
+struct Endpoints {
+    health: Arc<Health>,
+    render: RenderMetrics,
+}
+
 /// Binds `addr` and serves until `stop` turns true. Returns the bound address (useful when
-/// `addr` has port 0).
+/// `addr` has port 0) and the server's task; should the server fail, `/health` shows it.
 pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
@@ -31,50 +49,81 @@ pub async fn serve(
         context: "reading the bound address",
         source: e,
     })?;
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/health", get(everything))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(Endpoints {
+            health: Arc::clone(&health),
+            render,
+        });
     let task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        let (health, render) = (Arc::clone(&health), Arc::clone(&render));
-                        tokio::spawn(async move { respond(stream, &health, &render).await });
-                    }
-                }
-                _ = stop.changed() => return,
-            }
+        let stopped = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(error = %e, "the HTTP endpoint stopped");
+            health.set_task("http endpoint", Some(format!("stopped: {e}")));
         }
     });
     Ok((bound, task))
 }
 
-async fn respond(mut stream: tokio::net::TcpStream, health: &Health, render: &RenderMetrics) {
-    let mut buf = [0u8; 2048];
-    let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
-        .await
-    {
-        Ok(Ok(n)) => n,
-        _ => return,
+fn json(ok: bool, body: &serde_json::Value) -> Response {
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    let request = String::from_utf8_lossy(&buf[..n]);
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, content_type, body) = match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render()),
-        "/health" if health.is_healthy() => ("200 OK", "application/json", health.to_json()),
-        "/health" => (
-            "503 Service Unavailable",
-            "application/json",
-            health.to_json(),
-        ),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics or /health\n".to_owned(),
-        ),
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn healthz(State(e): State<Endpoints>) -> Response {
+    let (alive, body) = e.health.liveness();
+    json(alive, &body)
+}
+
+async fn readyz(State(e): State<Endpoints>) -> Response {
+    let (ready, body) = e.health.readiness();
+    json(ready, &body)
+}
+
+async fn everything(State(e): State<Endpoints>) -> Response {
+    let status = if e.health.is_healthy() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        e.health.to_json(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(e): State<Endpoints>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        (e.render)(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "try /healthz, /readyz, /health or /metrics\n",
+    )
+        .into_response()
 }

@@ -92,6 +92,7 @@ async fn run_relay(
     tracing::info!(%instance, "registered as a relay instance");
     let ownership = Arc::new(Ownership::new(instance, config.lease_ttl()));
     health.set_ownership(Arc::clone(&ownership));
+    health.set_started();
     let publisher = Publisher::new(&config, max_record_bytes)?;
     let shutdown_timeout = config.shutdown_timeout();
     let retry = (config.retry_initial(), config.retry_max());

@@ -224,7 +224,10 @@ impl Poller {
         let mut prepared: Option<tokio_postgres::Statement> = None;
         // Said once, not every tick.
         let mut warned_outside = false;
+        // Quiet for longer than two of the longest backoffs plus a minute: stuck.
+        let allowance = retry.1 * 2 + Duration::from_secs(60);
         while periodic.tick().await {
+            health.beat("wake-up poller", allowance);
             let (Some(c), Some(current)) = (client.as_ref().filter(|c| !c.is_closed()), &mut state)
             else {
                 prepared = None;

@@ -15,6 +15,9 @@ use tokio_postgres::Client;
 use crate::error::{Error, Result};
 use crate::secrets::Secret;
 
+/// How long a connection attempt may take unless `connect_timeout` says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How to open a PostgreSQL session: the driver's settings, the TLS connector, and the mode
 /// they came from. Cheap to clone (the connector is shared).
 #[derive(Clone)]
@@ -43,6 +46,11 @@ impl Database {
             rest.parse().map_err(Error::pg("parsing database_url"))?;
         if let Some(password) = password {
             config.password(password.expose());
+        }
+        // A host that drops packets would otherwise hold a connection attempt for minutes
+        // (TCP's retries), and every loop waiting on it.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
         config.ssl_mode(match options.mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,

@@ -36,6 +36,14 @@ impl View {
             .map(|pos| self.instances[pos % n].as_str())
     }
 
+    /// The partitions `instance` should own, ascending.
+    pub fn owned_by(&self, instance: &str) -> Vec<i32> {
+        (0..self.count)
+            .chain(self.above.iter().copied())
+            .filter(|&p| self.is_owner(instance, p))
+            .collect()
+    }
+
     /// True when `instance` should own `partition`.
     pub fn is_owner(&self, instance: &str, partition: i32) -> bool {
         self.owner_of(partition) == Some(instance)

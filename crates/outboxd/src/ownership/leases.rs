@@ -75,7 +75,10 @@ pub async fn run(
     let mut session: Option<Session> = None;
     let mut renewed_at: Option<Instant> = None;
     let mut stopping_since: Option<Instant> = None;
+    // Connecting and each statement end within about a minute (connect timeout, keepalives).
+    let allowance = ownership.ttl() + Duration::from_secs(60);
     loop {
+        health.beat("lease task", allowance);
         if session.as_ref().is_none_or(|s| s.client.is_closed()) {
             renewed_at = None;
             session = match crate::session::connect(
