@@ -5,7 +5,8 @@
 //! the state into `/health` (a partition with messages to publish shows `retrying` on its own
 //! after a few seconds without acknowledgements). It also mirrors the producer's fatal errors
 //! (however they were noticed: by a round waiting for acknowledgements or after one), and
-//! replaces a fatal producer that no round has noticed yet.
+//! replaces a fatal producer that no round has noticed yet, and exports the producer's queue
+//! depth (`outbox_relay_producer_queue_messages`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,9 @@ const INTERVAL: Duration = Duration::from_secs(2);
 /// Runs until `stop` turns true.
 pub async fn run(publisher: Arc<Publisher>, health: Arc<Health>, stop: watch::Receiver<bool>) {
     let mut periodic = Periodic::new(INTERVAL, stop);
+    let queue = metrics::gauge!("outbox_relay_producer_queue_messages");
     while periodic.tick().await {
+        queue.set(f64::from(publisher.queue_depth()));
         if publisher.events().unreachable_for().is_some() {
             let p = Arc::clone(&publisher);
             // fetch_metadata blocks; keep it off the runtime's threads.

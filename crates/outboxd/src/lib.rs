@@ -18,6 +18,7 @@
 //! # }
 //! ```
 
+mod backlog;
 pub mod backoff;
 pub mod config;
 pub mod connect;

@@ -277,8 +277,8 @@ async fn run(config: Config) -> Result<(), Error> {
     let relay = outboxd::Relay::new(config)?;
     let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
     if !listen.is_empty() {
-        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
+        let handle = outboxd::metrics::prometheus_builder()
+            .and_then(|b| b.install_recorder())
             .map_err(|e| {
                 Error::Config(vec![format!("cannot install the metrics recorder: {e}")])
             })?;
@@ -287,7 +287,7 @@ async fn run(config: Config) -> Result<(), Error> {
             .map_err(|_| Error::Config(vec![format!("http_listen {listen:?} is not host:port")]))?;
         let render: outboxd::http::RenderMetrics = std::sync::Arc::new(move || handle.render());
         let (bound, _task) = outboxd::http::serve(addr, relay.health(), render, stop_rx).await?;
-        tracing::info!(%bound, "serving /metrics and /health");
+        tracing::info!(%bound, "serving /healthz, /readyz, /health and /metrics");
     }
     let result = relay.run(shutdown_signal()).await;
     stop_http.send_replace(true);

@@ -225,6 +225,12 @@ impl Publisher {
         })
     }
 
+    /// Messages the main producer holds: queued, in flight, or awaiting acknowledgement.
+    pub fn queue_depth(&self) -> i32 {
+        use rdkafka::producer::Producer;
+        self.current().in_flight_count()
+    }
+
     fn current(&self) -> Arc<Producer2> {
         match self.producer.read() {
             Ok(p) => Arc::clone(&p),

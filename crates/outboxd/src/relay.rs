@@ -93,6 +93,7 @@ async fn run_relay(
     let ownership = Arc::new(Ownership::new(instance, config.lease_ttl()));
     health.set_ownership(Arc::clone(&ownership));
     health.set_started();
+    crate::metrics::register_relay_counters();
     let publisher = Publisher::new(&config, max_record_bytes)?;
     let shutdown_timeout = config.shutdown_timeout();
     let retry = (config.retry_initial(), config.retry_max());
@@ -169,6 +170,13 @@ async fn run_relay(
                     Arc::clone(&ctx.health),
                     stop_rx.clone(),
                 )),
+                Task::Backlog => Box::pin(crate::backlog::run(
+                    Arc::clone(&ctx.sessions),
+                    ctx.sql.clone(),
+                    Arc::clone(&ctx.ownership),
+                    ctx.config.schema.clone(),
+                    stop_rx.clone(),
+                )),
                 Task::MappingCleanup => Box::pin(crate::mappings::run_cleanup(
                     ctx.database.clone(),
                     ctx.sql.clone(),
@@ -198,6 +206,7 @@ async fn run_relay(
     supervisor.spawn(Task::Leases);
     supervisor.spawn(Task::Poller);
     supervisor.spawn(Task::KafkaWatch);
+    supervisor.spawn(Task::Backlog);
     if ctx.config.mapping_cleanup_interval_ms > 0 {
         supervisor.spawn(Task::MappingCleanup);
     }

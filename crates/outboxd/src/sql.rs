@@ -131,6 +131,11 @@ pub struct Statements {
     /// in id order, the partition count, the partitions at or above it that hold messages;
     /// and how many entities are parked (for `/health`). No parameters.
     pub ownership_view: String,
+    /// The backlog gauges (see `backlog`): per partition of `$1` (int4[]), the waiting
+    /// messages counted up to `$2` (an index-only walk that stops there) and the age of the
+    /// oldest in seconds (one index probe); one more row, partition NULL, with the number of
+    /// dead letters and of parked entities.
+    pub backlog: String,
     /// Locks the next mappings that may be forgotten (see `mappings`): above the partition
     /// count, or idle for the TTL; ones a writer holds are skipped. Writers refresh
     /// `last_used_at` when it is older than `mapping_touch_interval()` (an hour), so "idle for
@@ -426,6 +431,17 @@ impl Statements {
                                                 (SELECT max(partition) FROM {s}.message)) p
                           WHERE EXISTS (SELECT 1 FROM {s}.message m WHERE m.partition = p))
                    FROM {s}.settings st"
+            ),
+            backlog: format!(
+                "SELECT p, (SELECT count(*) FROM (SELECT 1 FROM {s}.message m
+                                                  WHERE m.partition = p LIMIT $2) c),
+                        coalesce((SELECT extract(epoch FROM now() - m.created_at)::float8
+                                    FROM {s}.message m WHERE m.partition = p
+                                   ORDER BY m.id LIMIT 1), 0)
+                   FROM unnest($1::int4[]) p
+                 UNION ALL
+                 SELECT NULL, (SELECT count(*) FROM {s}.dead_letter),
+                        (SELECT count(*) FROM {s}.parked_entity)::float8"
             ),
             lock_forgettable_mappings: format!(
                 "SELECT e.entity_key

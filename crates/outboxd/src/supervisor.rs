@@ -27,6 +27,8 @@ pub enum Task {
     MappingCleanup,
     /// The Kafka reachability watch.
     KafkaWatch,
+    /// The backlog gauges.
+    Backlog,
     /// The worker of one virtual partition.
     Worker(i32),
 }
@@ -39,6 +41,7 @@ impl Task {
             Task::Leases => "lease renewal",
             Task::MappingCleanup => "mapping cleanup",
             Task::KafkaWatch => "kafka watch",
+            Task::Backlog => "backlog gauges",
             Task::Worker(_) => "partition worker",
         }
     }

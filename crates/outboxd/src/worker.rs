@@ -500,6 +500,7 @@ impl Worker<'_> {
                 self.metrics
                     .batch_duration
                     .record(started.elapsed().as_secs_f64());
+                self.metrics.batch_size.record(batch.len() as f64);
                 self.set_state(PartitionState::Relaying);
                 Ok(Step::Next)
             }

@@ -4,6 +4,7 @@
 mod auto_topic;
 mod config;
 mod crash;
+mod dashboard;
 mod dead_rows;
 mod end_to_end;
 mod guards;
@@ -11,6 +12,7 @@ mod http;
 mod late_commit;
 mod leases;
 mod mappings;
+mod metrics;
 mod outages;
 mod policies;
 mod process;

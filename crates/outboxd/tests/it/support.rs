@@ -1,7 +1,10 @@
 //! Per-test setup for relay tests: a migrated schema, a topic, and a relay running in the
 //! background until the test stops it.
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use outbox::{Outbox, Schema};
 use tokio::sync::oneshot;
@@ -168,5 +171,82 @@ where
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An `outboxd run` process whose output (stdout and stderr) is collected as it comes.
+pub struct RelayProcess {
+    child: Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl RelayProcess {
+    pub fn start(args: &[String]) -> RelayProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .arg("run")
+            .args(args)
+            .env_remove("OUTBOXD_DATABASE_URL")
+            .env_remove("OUTBOXD_BROKERS")
+            .env("RUST_LOG", "debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn outboxd");
+        let output = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut out = output.lock().expect("lock");
+                    out.push_str(&line);
+                    out.push('\n');
+                }
+            });
+        }
+        RelayProcess { child, output }
+    }
+
+    pub fn output(&self) -> String {
+        self.output.lock().expect("lock").clone()
+    }
+
+    /// Waits until the output shows `needle` (or the process ended, then one last look).
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.output();
+            if out.contains(needle) {
+                return out;
+            }
+            let ended = self.child.try_wait().expect("try_wait").is_some();
+            if ended || Instant::now() > deadline {
+                std::thread::sleep(Duration::from_millis(300));
+                let out = self.output();
+                assert!(
+                    out.contains(needle),
+                    "expected `{needle}` in the relay's output:\n{out}"
+                );
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns everything it printed.
+    pub fn stop(mut self) -> String {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().expect("try_wait").is_none() {
+            assert!(Instant::now() < deadline, "the relay stops within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        self.output()
     }
 }

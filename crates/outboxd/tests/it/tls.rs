@@ -6,16 +6,13 @@
 //! settings are fixed and the relay restarted.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outbox::{Outbox, Schema};
 use outboxd::connect::Database;
 use outboxd::secrets::Secret;
 
-use crate::support::{RunningRelay, Setup};
+use crate::support::{RelayProcess, RunningRelay, Setup};
 
 const HINT: &str = "the TLS services are missing: run `scripts/services up` (it makes them) and \
                     `eval \"$(scripts/services env)\"`, or use scripts/test";
@@ -263,83 +260,6 @@ fn assert_cause(error: &outboxd::Error, cause: &str, secret: &str) {
     assert!(text.contains(cause), "expected `{cause}` in: {text}");
     if !secret.is_empty() {
         assert!(!text.contains(secret), "the secret shows in: {text}");
-    }
-}
-
-/// An `outboxd run` process whose output (stdout and stderr) is collected as it comes.
-struct RelayProcess {
-    child: Child,
-    output: Arc<Mutex<String>>,
-}
-
-impl RelayProcess {
-    fn start(args: &[String]) -> RelayProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
-            .arg("run")
-            .args(args)
-            .env_remove("OUTBOXD_DATABASE_URL")
-            .env_remove("OUTBOXD_BROKERS")
-            .env("RUST_LOG", "debug")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn outboxd");
-        let output = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let output = output.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let mut out = output.lock().expect("lock");
-                    out.push_str(&line);
-                    out.push('\n');
-                }
-            });
-        }
-        RelayProcess { child, output }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().expect("lock").clone()
-    }
-
-    /// Waits until the output shows `needle` (or the process ended, then one last look).
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = self.output();
-            if out.contains(needle) {
-                return out;
-            }
-            let ended = self.child.try_wait().expect("try_wait").is_some();
-            if ended || Instant::now() > deadline {
-                std::thread::sleep(Duration::from_millis(300));
-                let out = self.output();
-                assert!(
-                    out.contains(needle),
-                    "expected `{needle}` in the relay's output:\n{out}"
-                );
-                return out;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// SIGTERM, then waits for the exit; returns everything it printed.
-    fn stop(mut self) -> String {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(Instant::now() < deadline, "the relay stops within 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        self.output()
     }
 }
 
