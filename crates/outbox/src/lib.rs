@@ -37,6 +37,8 @@ pub use message::{
     MAX_ENTITY_KEY_BYTES, MAX_HEADERS, MAX_KAFKA_PARTITION, MAX_TOPIC_LEN, Message, MessageBuilder,
     validate_topic,
 };
-pub use migrate::{SCHEMA_VERSION, check_schema, migrate, migrate_schema};
+pub use migrate::{
+    MigrationStatus, SCHEMA_VERSION, check_schema, migrate, migrate_schema, migration_status,
+};
 pub use save::{DEFAULT_MAX_RECORD_BYTES, Outbox, PreparedOutbox, save_all_in_tx, save_in_tx};
 pub use schema::Schema;

@@ -39,10 +39,87 @@ const MIGRATIONS: &[Migration] = &[
         name: "0005_roles",
         sql: include_str!("../../../migrations/0005_roles.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_status",
+        sql: include_str!("../../../migrations/0006_status.sql"),
+    },
 ];
 
 /// The schema version this library expects.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
+
+/// One migration as `migration_status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStatus {
+    /// Its version.
+    pub version: i32,
+    /// Its name (the file name without `.sql`).
+    pub name: String,
+    /// When it was applied to the schema; `None`: pending.
+    pub applied_at: Option<std::time::SystemTime>,
+}
+
+/// Every migration this build knows, with when it was applied to `schema` (`None`:
+/// pending); then any the schema records that this build does not know (a newer build
+/// applied them). An empty list of applied ones when the schema does not exist yet.
+pub async fn migration_status(
+    client: &tokio_postgres::Client,
+    schema: &Schema,
+) -> Result<Vec<MigrationStatus>> {
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1::text || '.schema_migrations') IS NOT NULL",
+            &[&schema.name()],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(Error::db("looking for schema_migrations"))?;
+    let mut applied: Vec<(i32, String, std::time::SystemTime)> = Vec::new();
+    if exists {
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT version, name, applied_at FROM {}.schema_migrations ORDER BY version",
+                    schema.name()
+                ),
+                &[],
+            )
+            .await
+            .map_err(Error::db("reading schema_migrations"))?;
+        for row in rows {
+            applied.push((
+                row.try_get(0)
+                    .map_err(Error::db("reading schema_migrations"))?,
+                row.try_get(1)
+                    .map_err(Error::db("reading schema_migrations"))?,
+                row.try_get(2)
+                    .map_err(Error::db("reading schema_migrations"))?,
+            ));
+        }
+    }
+    let mut status: Vec<MigrationStatus> = MIGRATIONS
+        .iter()
+        .map(|m| MigrationStatus {
+            version: m.version,
+            name: m.name.to_owned(),
+            applied_at: applied
+                .iter()
+                .find(|(v, _, _)| *v == m.version)
+                .map(|(_, _, at)| *at),
+        })
+        .collect();
+    for (version, name, at) in applied {
+        if !MIGRATIONS.iter().any(|m| m.version == version) {
+            status.push(MigrationStatus {
+                version,
+                name,
+                applied_at: Some(at),
+            });
+        }
+    }
+    Ok(status)
+}
 
 /// Applies the pending migrations to the schema `outbox`. Idempotent.
 pub async fn migrate(client: &tokio_postgres::Client) -> Result<()> {

@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::secrets::Secret;
 
 /// Everything `outboxd run` needs. Field defaults are given on each field. `Debug` shows it
 /// masked (see [`Config::masked`]).
-#[derive(Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// PostgreSQL connection string (URL or key=value form). Required. Better without the
@@ -115,7 +115,7 @@ impl std::fmt::Debug for Config {
 }
 
 /// Settings of one topic.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TopicConfig {
     /// The policy for messages of this topic that Kafka refuses for good.
@@ -123,7 +123,7 @@ pub struct TopicConfig {
 }
 
 /// What the relay does with a message that Kafka refused with a non-retriable error.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorPolicy {
     /// Stop the partition (health and metrics show it blocked) and retry with the longest

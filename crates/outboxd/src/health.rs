@@ -61,6 +61,40 @@ impl PartitionState {
         )
     }
 
+    /// The state's name, as `outboxd status` shows it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PartitionState::Starting => "starting",
+            PartitionState::Relaying => "relaying",
+            PartitionState::OwnedElsewhere => "owned elsewhere",
+            PartitionState::Idle => "idle",
+            PartitionState::Disconnected { .. } => "disconnected",
+            PartitionState::Retrying { .. } => "retrying",
+            PartitionState::Blocked { .. } => "blocked",
+            PartitionState::Restarting { .. } => "restarting",
+        }
+    }
+
+    /// The message it is about (retrying, blocked), if any.
+    pub fn message_id(&self) -> Option<i64> {
+        match self {
+            PartitionState::Retrying { message_id, .. }
+            | PartitionState::Blocked { message_id, .. } => Some(*message_id),
+            _ => None,
+        }
+    }
+
+    /// The error behind it, if any.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            PartitionState::Disconnected { error }
+            | PartitionState::Retrying { error, .. }
+            | PartitionState::Blocked { error, .. }
+            | PartitionState::Restarting { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             PartitionState::Starting => "starting".to_owned(),

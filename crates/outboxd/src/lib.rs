@@ -42,6 +42,7 @@ pub mod session;
 mod sessions;
 pub mod sql;
 mod startup;
+pub mod status;
 pub mod supervisor;
 mod wakeup;
 mod worker;

@@ -15,6 +15,9 @@ use outboxd::{Config, Error};
 #[derive(Debug, Parser)]
 #[command(name = "outboxd", version)]
 struct Cli {
+    /// Print the command's result as JSON instead of readable text.
+    #[arg(long, global = true)]
+    json: bool,
     /// TOML configuration file.
     #[arg(long, env = "OUTBOXD_CONFIG", global = true)]
     config: Option<PathBuf>,
@@ -88,9 +91,25 @@ enum Command {
     /// Relay messages to Kafka until SIGTERM or SIGINT (a second signal exits at once).
     Run,
     /// Create or upgrade the outbox schema (idempotent; safe to run from several processes).
-    Migrate,
-    /// Validate the configuration and print it (the database URL's password masked).
+    Migrate {
+        /// Only show which migrations are applied and which are pending; change nothing.
+        #[arg(long)]
+        status: bool,
+    },
+    /// Show the relays and every partition: backlog, oldest message, owner, state (relaying,
+    /// retrying, blocked with the message and error, unowned, idle), dead letters, parked
+    /// entities. Reads the database only.
+    Status,
+    /// Validate the configuration and print the effective one as TOML (or JSON with
+    /// --json), every secret masked.
     CheckConfig,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, e.g. `outboxd man > outboxd.1`.
+    Man,
     /// Print every SQL statement the relay sends.
     PrintSql,
     /// Move one message to the dead_letter table (e.g. the one a `block` policy stopped at).
@@ -215,14 +234,52 @@ fn main() -> ExitCode {
 
 async fn execute(cli: Cli) -> Result<(), Error> {
     let mut config = cli.load_config()?;
+    let json = cli.json;
     match cli.command {
         Command::Run => run(config).await,
-        Command::Migrate => {
+        Command::Migrate { status: false } => {
             let client = connect_db(&mut config).await?;
             let schema = config.schema()?;
             outbox::migrate_schema(&client, &schema).await?;
-            println!("schema {schema} is at version {}", outbox::SCHEMA_VERSION);
+            if json {
+                print_json(&serde_json::json!({
+                    "schema": schema.name(), "version": outbox::SCHEMA_VERSION,
+                }));
+            } else {
+                println!("schema {schema} is at version {}", outbox::SCHEMA_VERSION);
+            }
             Ok(())
+        }
+        Command::Migrate { status: true } => {
+            let client = connect_db(&mut config).await?;
+            let schema = config.schema()?;
+            let migrations = outbox::migration_status(&client, &schema).await?;
+            print_migrations(&schema, &migrations, json);
+            Ok(())
+        }
+        Command::Status => {
+            let client = connect_db(&mut config).await?;
+            let status = outboxd::status::read(&client, &config.schema()?).await?;
+            if json {
+                print_json(&status);
+            } else {
+                print!("{}", status.to_table());
+            }
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "outboxd", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .map_err(|source| Error::Io {
+                    context: "writing the man page",
+                    source,
+                })
         }
         Command::Skip { id, reason } => {
             let moved = run_operator_statement(
@@ -235,7 +292,11 @@ async fn execute(cli: Cli) -> Result<(), Error> {
             if !moved {
                 return Err(Error::NotFound(format!("no waiting message with id {id}")));
             }
-            println!("message {id} moved to dead_letter");
+            if json {
+                print_json(&serde_json::json!({ "moved_to_dead_letter": id }));
+            } else {
+                println!("message {id} moved to dead_letter");
+            }
             Ok(())
         }
         Command::Unpark { entity_key } => {
@@ -251,23 +312,92 @@ async fn execute(cli: Cli) -> Result<(), Error> {
                     "entity {entity_key:?} is not parked"
                 )));
             }
-            println!("entity {entity_key:?} released; relays reread its partition");
+            if json {
+                print_json(&serde_json::json!({ "unparked": entity_key }));
+            } else {
+                println!("entity {entity_key:?} released; relays reread its partition");
+            }
             Ok(())
         }
         Command::CheckConfig => {
             config.validate()?;
-            // `Debug` masks every password (see `Config::masked`).
-            println!("{config:#?}");
+            // Every password masked (see `Config::masked`); the environment's secrets are
+            // not part of the serialized form at all.
+            let shown = config.masked();
+            if json {
+                print_json(&shown);
+            } else {
+                let text = toml::to_string(&shown).map_err(|e| {
+                    Error::Config(vec![format!("cannot print the configuration: {e}")])
+                })?;
+                print!("{text}");
+            }
             Ok(())
         }
         Command::PrintSql => {
             let schema = config.schema()?;
-            for (name, sql) in outboxd::sql::Statements::new(&schema).all() {
-                println!("-- {name}\n{sql};\n");
+            let statements = outboxd::sql::Statements::new(&schema);
+            if json {
+                let all: serde_json::Map<String, serde_json::Value> = statements
+                    .all()
+                    .into_iter()
+                    .map(|(name, sql)| (name.to_owned(), serde_json::json!(sql)))
+                    .collect();
+                print_json(&all);
+            } else {
+                for (name, sql) in statements.all() {
+                    println!("-- {name}\n{sql};\n");
+                }
             }
             Ok(())
         }
     }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("outboxd: cannot print JSON: {e}"),
+    }
+}
+
+/// `migrate --status`: every migration this build knows, applied or pending, and any newer
+/// one the schema records.
+fn print_migrations(schema: &outbox::Schema, migrations: &[outbox::MigrationStatus], json: bool) {
+    let known = |v: i32| v <= outbox::SCHEMA_VERSION;
+    if json {
+        let list: Vec<serde_json::Value> = migrations
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "version": m.version,
+                    "name": m.name,
+                    "applied_at": m.applied_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                    "pending": m.applied_at.is_none(),
+                    "known_to_this_build": known(m.version),
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({ "schema": schema.name(), "migrations": list }));
+        return;
+    }
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_header(vec!["version", "name", "applied"]);
+    for m in migrations {
+        let applied = match m.applied_at {
+            Some(t) if known(m.version) => humantime::format_rfc3339_seconds(t).to_string(),
+            Some(t) => format!(
+                "{} (newer than this build)",
+                humantime::format_rfc3339_seconds(t)
+            ),
+            None => "pending".to_owned(),
+        };
+        table.add_row(vec![m.version.to_string(), m.name.clone(), applied]);
+    }
+    let pending = migrations.iter().filter(|m| m.applied_at.is_none()).count();
+    println!("schema {schema}: {pending} pending\n{table}");
 }
 
 /// Runs the relay, with the Prometheus recorder and the HTTP endpoint when `http_listen`

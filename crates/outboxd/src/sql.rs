@@ -267,8 +267,11 @@ impl Statements {
                      RETURNING lock_key
                  ), renewed AS (
                      UPDATE {s}.partition_lease l
-                        SET expires_at = now() + $2::int8 * interval '1 millisecond'
-                       FROM unnest($5::int4[], $6::int8[]) AS h(partition, epoch)
+                        SET expires_at = now() + $2::int8 * interval '1 millisecond',
+                            state = h.state, state_message_id = h.message_id,
+                            state_error = h.error, state_at = now()
+                       FROM unnest($5::int4[], $6::int8[], $7::text[], $8::int8[], $9::text[])
+                            AS h(partition, epoch, state, message_id, error)
                       WHERE l.owner = $1::text::uuid AND l.partition = h.partition
                         AND l.epoch = h.epoch
                      RETURNING l.partition, l.epoch
@@ -494,6 +497,7 @@ impl Statements {
             ("incarnation", &self.incarnation),
             ("id_sequence", &self.id_sequence),
             ("ownership_view", &self.ownership_view),
+            ("backlog", &self.backlog),
             ("lock_forgettable_mappings", &self.lock_forgettable_mappings),
             ("forget_mappings", &self.forget_mappings),
         ]

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
-use crate::health::Health;
+use crate::health::{Health, PartitionState};
 use crate::ownership::{Ownership, View};
 use crate::sql::{SESSION_SETUP, Statements};
 
@@ -102,7 +102,7 @@ pub async fn run(
             let mut result = Ok(());
             if renewed_at.is_none_or(|t| t.elapsed() >= renew_every) {
                 renewed_at = Some(Instant::now());
-                result = renew(s, &sql, &ownership, &host, pid).await;
+                result = renew(s, &sql, &ownership, &health, &host, pid).await;
             }
             if result.is_ok() && !*stop.borrow() {
                 result = read_view(&s.client, &sql, &ownership, &health).await;
@@ -182,6 +182,7 @@ async fn renew(
     s: &mut Session,
     sql: &Statements,
     ownership: &Ownership,
+    health: &Health,
     host: &str,
     pid: i32,
 ) -> Result<()> {
@@ -190,6 +191,21 @@ async fn renew(
         .into_iter()
         .map(|(p, l)| (p, l.epoch))
         .unzip();
+    // What each held partition's worker is doing, for `outboxd status` in other processes.
+    let states = health.snapshot();
+    let state_of = |p: &i32| states.get(p);
+    let kinds: Vec<Option<&str>> = held_partitions
+        .iter()
+        .map(|p| state_of(p).map(PartitionState::kind))
+        .collect();
+    let message_ids: Vec<Option<i64>> = held_partitions
+        .iter()
+        .map(|p| state_of(p).and_then(PartitionState::message_id))
+        .collect();
+    let errors: Vec<Option<&str>> = held_partitions
+        .iter()
+        .map(|p| state_of(p).and_then(PartitionState::error))
+        .collect();
     let sent_at = Instant::now();
     let row = s
         .client
@@ -202,6 +218,9 @@ async fn renew(
                 &pid,
                 &held_partitions,
                 &held_epochs,
+                &kinds,
+                &message_ids,
+                &errors,
             ],
         )
         .await

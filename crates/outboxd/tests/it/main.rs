@@ -21,6 +21,7 @@ mod refusals;
 mod roles;
 mod scaling;
 mod secrets;
+mod status;
 mod supervision;
 mod support;
 mod tls;
