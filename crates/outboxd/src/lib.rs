@@ -30,6 +30,7 @@ pub mod health;
 pub mod http;
 mod kafka_log;
 mod kafka_watch;
+pub mod logging;
 pub mod mappings;
 pub mod metrics;
 pub mod ownership;

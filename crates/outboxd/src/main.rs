@@ -15,6 +15,16 @@ use outboxd::{Config, Error};
 #[derive(Debug, Parser)]
 #[command(name = "outboxd", version)]
 struct Cli {
+    /// Log lines as readable text (pretty) or one JSON object per line (json), on stderr.
+    /// Filter with RUST_LOG (default info).
+    #[arg(
+        long,
+        env = "OUTBOXD_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value_t
+    )]
+    log_format: outboxd::logging::LogFormat,
     /// Print the command's result as JSON instead of readable text.
     #[arg(long, global = true)]
     json: bool,
@@ -206,13 +216,7 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    outboxd::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -11,6 +11,7 @@ mod guards;
 mod http;
 mod late_commit;
 mod leases;
+mod logging;
 mod mappings;
 mod metrics;
 mod outages;
