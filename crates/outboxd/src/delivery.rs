@@ -167,7 +167,7 @@ impl Worker<'_> {
                 // The first pending row must be handled alone.
                 let verdict = match (&first.undecodable, refusals.remove(&first.id)) {
                     (Some(e), _) => Verdict::Refused(Fault::Undecodable(e.clone())),
-                    (None, Some((e, Refusal::Permanent))) => Verdict::Refused(Fault::Kafka(e)),
+                    (None, Some((e, Refusal::Permanent))) => self.confirm(first, e).await,
                     // Refused with its record batch, or blocked the partition last time.
                     _ => self.probe(first).await,
                 };
@@ -269,9 +269,29 @@ impl Worker<'_> {
             Ok(()) => Verdict::Acked,
             Err(e) => match classify(&e) {
                 Refusal::Retriable => Verdict::Retry(e),
-                _ => Verdict::Refused(Fault::Kafka(e)),
+                _ => self.confirm(row, e).await,
             },
         }
+    }
+
+    /// A refusal for a missing topic or partition is confirmed with fresh metadata before the
+    /// policy acts: the producer's cache may still call "unknown" a topic an operator has just
+    /// created (then, or when the cluster does not answer, the message is retried instead).
+    async fn confirm(&self, row: &OutboxRow, e: KafkaError) -> Verdict {
+        if crate::publisher::is_missing_topic(&e) {
+            let publisher = std::sync::Arc::clone(&self.ctx.publisher);
+            let (topic, partition) = (row.topic.clone(), row.kafka_partition);
+            let exists = tokio::task::spawn_blocking(move || {
+                publisher.topic_exists_now(&topic, partition, std::time::Duration::from_secs(5))
+            })
+            .await
+            .ok()
+            .flatten();
+            if exists != Some(false) {
+                return Verdict::Retry(e);
+            }
+        }
+        Verdict::Refused(Fault::Kafka(e))
     }
 
     /// Applies `row`'s topic policy to it and updates `pending`; returns the outcome that ends

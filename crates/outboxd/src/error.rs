@@ -59,6 +59,10 @@ pub enum Error {
     /// An operator command found nothing to act on.
     #[error("not found: {0}")]
     NotFound(String),
+    /// An operator command was refused, with the reason (e.g. a retry that would break an
+    /// entity's order).
+    #[error("refused: {0}")]
+    Refused(String),
     /// A socket or file operation failed.
     #[error("{context}: {source}")]
     Io {

@@ -21,6 +21,8 @@ pub enum PartitionState {
     /// At or above the partition count and drained: held by nobody until messages appear
     /// in it again.
     Idle,
+    /// Paused by an operator (`outboxd partitions pause`): nobody relays it until resumed.
+    Paused,
     /// PostgreSQL is unreachable; reconnecting with backoff.
     Disconnected {
         /// The last connection error.
@@ -68,6 +70,7 @@ impl PartitionState {
             PartitionState::Relaying => "relaying",
             PartitionState::OwnedElsewhere => "owned elsewhere",
             PartitionState::Idle => "idle",
+            PartitionState::Paused => "paused",
             PartitionState::Disconnected { .. } => "disconnected",
             PartitionState::Retrying { .. } => "retrying",
             PartitionState::Blocked { .. } => "blocked",
@@ -101,6 +104,7 @@ impl PartitionState {
             PartitionState::Relaying => "relaying".to_owned(),
             PartitionState::OwnedElsewhere => "owned by another instance".to_owned(),
             PartitionState::Idle => "idle (above the partition count, drained)".to_owned(),
+            PartitionState::Paused => "paused by an operator".to_owned(),
             PartitionState::Disconnected { error } => format!("disconnected: {error}"),
             PartitionState::Retrying { message_id, error } => {
                 format!("retrying message {message_id}: {error}")

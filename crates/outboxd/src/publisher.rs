@@ -379,6 +379,33 @@ impl Publisher {
         answered
     }
 
+    /// Asks the cluster afresh whether `topic` (and `partition`, when given) exists; both
+    /// producers' metadata caches learn the answer. `None` when the cluster did not answer.
+    /// Blocks: call it off the runtime's threads.
+    pub fn topic_exists_now(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        timeout: Duration,
+    ) -> Option<bool> {
+        let metadata = self
+            .current()
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .ok()?;
+        if let Ok(probe) = self.probe_producer() {
+            let _ = probe.client().fetch_metadata(Some(topic), timeout);
+        }
+        let found = metadata.topics().iter().find(|t| t.name() == topic)?;
+        if found.error().is_some() {
+            return Some(false);
+        }
+        Some(match partition {
+            Some(p) => found.partitions().iter().any(|x| x.id() == p),
+            None => !found.partitions().is_empty(),
+        })
+    }
+
     /// Sends one row alone through the probe producer and waits for its acknowledgement.
     pub async fn probe(&self, row: &OutboxRow) -> std::result::Result<(), KafkaError> {
         let producer = self.probe_producer()?;
@@ -426,6 +453,16 @@ pub enum Refusal {
     PermanentForItsBatch,
     /// Worth retrying in place (after the producer was recreated, a broker came back, ...).
     Retriable,
+}
+
+/// True when `error` says the message's topic or partition does not exist (which the
+/// producer may believe from a stale cache: see `Worker::confirm`).
+pub fn is_missing_topic(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(C::UnknownTopic | C::UnknownPartition | C::UnknownTopicOrPartition)
+    )
 }
 
 /// Classifies a refusal. Unknown errors are retried: retrying a message Kafka refuses for good

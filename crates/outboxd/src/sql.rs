@@ -128,8 +128,9 @@ pub struct Statements {
     /// primary key, and in `dead_letter`). No parameters.
     pub id_sequence: String,
     /// The view every instance shares partitions by (see `ownership`): the live instances
-    /// in id order, the partition count, the partitions at or above it that hold messages;
-    /// and how many entities are parked (for `/health`). No parameters.
+    /// in id order, the partition count, the partitions at or above it that hold messages,
+    /// the paused partitions; and how many entities are parked (for `/health`). No
+    /// parameters.
     pub ownership_view: String,
     /// The backlog gauges (see `backlog`): per partition of `$1` (int4[]), the waiting
     /// messages counted up to `$2` (an index-only walk that stops there) and the age of the
@@ -432,7 +433,9 @@ impl Statements {
                         (SELECT array_agg(p ORDER BY p)
                            FROM generate_series(st.partition_count,
                                                 (SELECT max(partition) FROM {s}.message)) p
-                          WHERE EXISTS (SELECT 1 FROM {s}.message m WHERE m.partition = p))
+                          WHERE EXISTS (SELECT 1 FROM {s}.message m WHERE m.partition = p)),
+                        ARRAY(SELECT k::int4 FROM jsonb_object_keys(st.paused_partitions) k
+                               ORDER BY 1)
                    FROM {s}.settings st"
             ),
             backlog: format!(

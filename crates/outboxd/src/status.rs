@@ -54,6 +54,8 @@ pub struct Instance {
 pub struct Partition {
     /// Its number.
     pub partition: i32,
+    /// Why an operator paused it, while it is paused.
+    pub paused_reason: Option<String>,
     /// Messages waiting, counted up to [`COUNT_CAP`].
     pub waiting: i64,
     /// True when the count stopped at the cap.
@@ -65,7 +67,8 @@ pub struct Partition {
     /// The lease's epoch.
     pub epoch: Option<i64>,
     /// `relaying`, `retrying`, `blocked`, `disconnected`, `restarting`, `starting` (from the
-    /// owner); `unowned` (messages wait, no valid lease); `idle` (nothing waits, no owner).
+    /// owner); `paused` (by an operator); `unowned` (messages wait, no valid lease); `idle`
+    /// (nothing waits, no owner).
     pub state: String,
     /// The message the state is about (retrying, blocked).
     pub message_id: Option<i64>,
@@ -89,13 +92,18 @@ pub async fn read(client: &Client, schema: &outbox::Schema) -> Result<Status> {
                 "SELECT (SELECT max(version) FROM {s}.schema_migrations),
                         (SELECT partition_count FROM {s}.settings),
                         (SELECT count(*) FROM {s}.dead_letter),
-                        (SELECT count(*) FROM {s}.parked_entity)"
+                        (SELECT count(*) FROM {s}.parked_entity),
+                        (SELECT paused_partitions::text FROM {s}.settings)"
             ),
             &[],
         )
         .await
         .map_err(Error::pg(ctx))?;
     let partition_count: Option<i32> = head.try_get(1).map_err(Error::pg(ctx))?;
+    let paused_text: Option<String> = head.try_get(4).map_err(Error::pg(ctx))?;
+    let paused: serde_json::Map<String, serde_json::Value> = paused_text
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
     let instances = client
         .query(
             &format!(
@@ -168,14 +176,20 @@ pub async fn read(client: &Client, schema: &outbox::Schema) -> Result<Status> {
         let waiting: i64 = r.try_get(1).map_err(get)?;
         let owner: Option<String> = r.try_get(3).map_err(get)?;
         let reported: Option<String> = r.try_get(5).map_err(get)?;
+        let number: i32 = r.try_get(0).map_err(get)?;
+        let paused_reason = paused
+            .get(&number.to_string())
+            .map(|p| p["reason"].as_str().unwrap_or("paused").to_owned());
         let state = match (&owner, reported) {
+            _ if paused_reason.is_some() => "paused".to_owned(),
             (Some(_), Some(state)) => state,
             (Some(_), None) => "unknown".to_owned(),
             (None, _) if waiting > 0 => "unowned".to_owned(),
             (None, _) => "idle".to_owned(),
         };
         partitions.push(Partition {
-            partition: r.try_get(0).map_err(get)?,
+            partition: number,
+            paused_reason,
             waiting,
             waiting_capped: waiting >= COUNT_CAP,
             oldest_waiting_seconds: r.try_get(2).map_err(get)?,
@@ -247,6 +261,9 @@ impl Status {
             let mut state = p.state.clone();
             if let Some(id) = p.message_id {
                 state.push_str(&format!(" at message {id}"));
+            }
+            if let Some(reason) = &p.paused_reason {
+                state.push_str(&format!(": {reason}"));
             }
             if let Some(error) = &p.error {
                 state.push_str(&format!(": {error}"));

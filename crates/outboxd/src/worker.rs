@@ -125,7 +125,9 @@ pub async fn run_worker(
         }
         view.borrow_and_update();
         if !ctx.ownership.is_mine(partition) {
-            w.set_state(if ctx.ownership.needs_no_owner(partition) {
+            w.set_state(if ctx.ownership.is_paused(partition) {
+                PartitionState::Paused
+            } else if ctx.ownership.needs_no_owner(partition) {
                 PartitionState::Idle
             } else {
                 PartitionState::OwnedElsewhere

@@ -85,11 +85,16 @@ pub async fn create_topic(prefix: &str, partitions: i32) -> String {
 
 /// [`create_topic`] with topic configs, e.g. `("message.timestamp.type", "LogAppendTime")`.
 pub async fn create_topic_with(prefix: &str, partitions: i32, configs: &[(&str, &str)]) -> String {
+    create_named_topic(&unique_name(prefix).replace('_', "-"), partitions, configs).await
+}
+
+/// Creates the topic `name` (e.g. one a test first wrote to while it did not exist).
+pub async fn create_named_topic(name: &str, partitions: i32, configs: &[(&str, &str)]) -> String {
+    let name = name.to_owned();
     let brokers = brokers();
     if let Err(msg) = try_kafka(&brokers, Duration::from_secs(10)) {
         panic!("{msg}");
     }
-    let name = unique_name(prefix).replace('_', "-");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()

@@ -11,12 +11,19 @@ pub struct View {
     /// Partitions at or above the count that still hold messages (entities mapped before
     /// the count was lowered), ascending.
     pub above: Vec<i32>,
+    /// Partitions an operator paused (`outboxd partitions pause`), ascending: nobody owns
+    /// them until they are resumed.
+    pub paused: Vec<i32>,
 }
 
 impl View {
     /// The partitions that need an owner, in the order they are dealt: every one below the
     /// count, then the ones above it that hold messages.
     fn position(&self, partition: i32) -> Option<usize> {
+        // Paused ones keep their place in the deal, so pausing one moves no other.
+        if self.paused.binary_search(&partition).is_ok() {
+            return None;
+        }
         if (0..self.count).contains(&partition) {
             return usize::try_from(partition).ok();
         }
@@ -59,6 +66,7 @@ mod tests {
             count,
             instances: instances.iter().map(|s| (*s).to_owned()).collect(),
             above: above.to_vec(),
+            paused: Vec::new(),
         }
     }
 
@@ -108,5 +116,17 @@ mod tests {
         for p in 0..6 {
             assert_eq!(before.owner_of(p), after.owner_of(p));
         }
+    }
+
+    #[test]
+    fn a_paused_partition_has_no_owner_and_moves_no_other() {
+        let before = view(8, &["a", "b"], &[]);
+        let mut paused = before.clone();
+        paused.paused = vec![3];
+        assert_eq!(paused.owner_of(3), None);
+        for p in (0..8).filter(|&p| p != 3) {
+            assert_eq!(paused.owner_of(p), before.owner_of(p), "partition {p}");
+        }
+        assert_eq!(paused.owned_by("b"), vec![1, 5, 7]);
     }
 }

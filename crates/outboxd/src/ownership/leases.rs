@@ -167,11 +167,15 @@ async fn read_view(
     let above: Option<Vec<i32>> = r
         .try_get(3)
         .map_err(Error::pg("reading the ownership view"))?;
+    let paused: Vec<i32> = r
+        .try_get(4)
+        .map_err(Error::pg("reading the ownership view"))?;
     let count = count.ok_or(Error::SettingsMissing)?;
     ownership.set_view(View {
         count,
         instances: instances.unwrap_or_default(),
         above: above.unwrap_or_default(),
+        paused,
     });
     health.set_parked_entities(parked);
     Ok(())

@@ -131,6 +131,14 @@ impl Ownership {
             .is_some_and(|v| !v.instances.is_empty() && v.owner_of(partition).is_none())
     }
 
+    /// True when an operator paused `partition`.
+    pub fn is_paused(&self, partition: i32) -> bool {
+        self.view
+            .borrow()
+            .as_deref()
+            .is_some_and(|v| v.paused.binary_search(&partition).is_ok())
+    }
+
     /// True when `partition` is below the partition count of the current view (or no view
     /// was read yet).
     pub fn is_below_count(&self, partition: i32) -> bool {

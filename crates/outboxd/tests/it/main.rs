@@ -14,6 +14,7 @@ mod leases;
 mod logging;
 mod mappings;
 mod metrics;
+mod operator;
 mod outages;
 mod policies;
 mod process;
