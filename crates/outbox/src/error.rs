@@ -38,6 +38,12 @@ pub enum Error {
     /// [`MAX_KAFKA_PARTITION`](crate::MAX_KAFKA_PARTITION).
     #[error("outbox: Kafka partition must be between 0 and {max}, got {0}", max = crate::MAX_KAFKA_PARTITION)]
     InvalidKafkaPartition(i32),
+    /// A trace context that is not a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`, ids not
+    /// all zeros).
+    #[error(
+        "outbox: not a W3C traceparent ({0}); expected 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>"
+    )]
+    InvalidTraceparent(String),
     /// More headers than [`MAX_HEADERS`](crate::MAX_HEADERS).
     #[error("outbox: {count} headers, more than the maximum of {max}")]
     TooManyHeaders {

@@ -31,6 +31,8 @@ mod message;
 mod migrate;
 mod save;
 mod schema;
+#[cfg(feature = "trace-context")]
+mod trace;
 
 pub use error::{Error, Result, describe_pg_error};
 pub use message::{

@@ -52,6 +52,8 @@ impl Message {
             },
             #[cfg(feature = "json")]
             json_error: None,
+            #[cfg(feature = "trace-context")]
+            trace_error: None,
         }
     }
 
@@ -127,6 +129,8 @@ pub struct MessageBuilder {
     message: Message,
     #[cfg(feature = "json")]
     json_error: Option<serde_json::Error>,
+    #[cfg(feature = "trace-context")]
+    trace_error: Option<String>,
 }
 
 impl MessageBuilder {
@@ -171,6 +175,22 @@ impl MessageBuilder {
         self
     }
 
+    /// Stores a W3C trace context with the message (feature `trace-context`): the relay sends
+    /// it as the Kafka headers `traceparent` and, when given, `tracestate`, so a consumer
+    /// continues the writer's trace. `build` refuses a malformed `traceparent`.
+    #[cfg(feature = "trace-context")]
+    pub fn trace_context(mut self, traceparent: &str, tracestate: Option<&str>) -> Self {
+        if crate::trace::is_traceparent(traceparent) {
+            self = self.header("traceparent", traceparent);
+            if let Some(state) = tracestate {
+                self = self.header("tracestate", state);
+            }
+        } else {
+            self.trace_error = Some(traceparent.chars().take(80).collect());
+        }
+        self
+    }
+
     /// Sets the event type, sent as the `outbox-event-type` header.
     pub fn event_type(mut self, event_type: impl Into<String>) -> Self {
         self.message.event_type = Some(event_type.into());
@@ -182,6 +202,10 @@ impl MessageBuilder {
         #[cfg(feature = "json")]
         if let Some(e) = self.json_error {
             return Err(Error::Json(e));
+        }
+        #[cfg(feature = "trace-context")]
+        if let Some(bad) = self.trace_error {
+            return Err(Error::InvalidTraceparent(bad));
         }
         let m = self.message;
         validate_topic(&m.topic)?;

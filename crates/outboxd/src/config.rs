@@ -24,13 +24,21 @@ pub struct Config {
     pub database_password_file: String,
     /// The database password, from the environment (`OUTBOXD_DATABASE_PASSWORD`), never from
     /// a file of settings or a flag; `database_password_file` wins when both are set.
-    #[serde(skip)]
+    #[serde(
+        skip_deserializing,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::secrets::serialize_redacted"
+    )]
     pub database_password: Option<Secret>,
     /// A file holding Kafka's `sasl.password`. Default: none.
     pub kafka_sasl_password_file: String,
     /// Kafka's `sasl.password` from the environment (`OUTBOXD_KAFKA_SASL_PASSWORD`);
     /// `kafka_sasl_password_file` wins when both are set.
-    #[serde(skip)]
+    #[serde(
+        skip_deserializing,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::secrets::serialize_redacted"
+    )]
     pub kafka_sasl_password: Option<Secret>,
     /// Kafka bootstrap servers, comma-separated `host:port`. Required.
     pub brokers: String,

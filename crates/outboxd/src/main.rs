@@ -398,8 +398,8 @@ async fn execute(cli: Cli) -> Result<(), Error> {
         }
         Command::CheckConfig => {
             config.validate()?;
-            // Every password masked (see `Config::masked`); the environment's secrets are
-            // not part of the serialized form at all.
+            // Every password masked (see `Config::masked`); the environment's secrets
+            // serialize as `[REDACTED]`.
             let shown = config.masked();
             if json {
                 print_json(&shown);

@@ -30,6 +30,15 @@ impl PartialEq for Secret {
     }
 }
 
+/// Serializes a secret that is set as `[REDACTED]` (what `check-config` prints for a
+/// password from the environment), never its value.
+pub fn serialize_redacted<S: serde::Serializer>(
+    _secret: &Option<Secret>,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    serializer.serialize_str("[REDACTED]")
+}
+
 /// librdkafka properties whose values are secrets: masked when shown.
 pub const KAFKA_SECRET_KEYS: &[&str] = &[
     "sasl.password",

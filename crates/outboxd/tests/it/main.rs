@@ -28,3 +28,4 @@ mod supervision;
 mod support;
 mod tls;
 mod tour;
+mod trace;
