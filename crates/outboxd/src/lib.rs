@@ -31,6 +31,7 @@ pub mod health;
 pub mod http;
 mod kafka_log;
 mod kafka_watch;
+pub mod layers;
 pub mod logging;
 pub mod mappings;
 pub mod metrics;

@@ -10,8 +10,9 @@ use outboxd::{Config, Error};
 /// Relay for the transactional outbox: publishes messages committed in PostgreSQL to
 /// Apache Kafka, in commit order per entity.
 ///
-/// Settings come from the TOML file given by --config, then environment variables, then
-/// flags (each flag names its variable). See docs/configuration.md for every setting.
+/// Settings come from the defaults, the TOML file given by --config, environment variables
+/// (OUTBOXD_<KEY>; OUTBOXD_KAFKA__<PROPERTY>; OUTBOXD_TOPICS__<TOPIC>__ON_ERROR), then flags.
+/// See docs/configuration.md for every setting.
 #[derive(Debug, Parser)]
 #[command(name = "outboxd", version)]
 struct Cli {
@@ -31,67 +32,8 @@ struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "OUTBOXD_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// PostgreSQL connection string, e.g. postgres://user@127.0.0.1:5432/db.
-    #[arg(
-        long,
-        env = "OUTBOXD_DATABASE_URL",
-        global = true,
-        hide_env_values = true
-    )]
-    database_url: Option<String>,
-    /// A file holding the database password (the password itself can come from the
-    /// environment, OUTBOXD_DATABASE_PASSWORD, never from a flag).
-    #[arg(long, env = "OUTBOXD_DATABASE_PASSWORD_FILE", global = true)]
-    database_password_file: Option<String>,
-    /// A file holding Kafka's sasl.password (or OUTBOXD_KAFKA_SASL_PASSWORD).
-    #[arg(long, env = "OUTBOXD_KAFKA_SASL_PASSWORD_FILE", global = true)]
-    kafka_sasl_password_file: Option<String>,
-    /// Kafka bootstrap servers, comma-separated host:port.
-    #[arg(long, env = "OUTBOXD_BROKERS", global = true)]
-    brokers: Option<String>,
-    /// Schema holding the outbox tables [default: outbox].
-    #[arg(long, env = "OUTBOXD_SCHEMA", global = true)]
-    schema: Option<String>,
-    /// Most messages per batch and partition [default: 1000].
-    #[arg(long, env = "OUTBOXD_BATCH_SIZE", global = true)]
-    batch_size: Option<usize>,
-    /// Longest wait before an idle partition is read again without a wake-up, in ms [default: 250].
-    #[arg(long, env = "OUTBOXD_POLL_INTERVAL_MS", global = true)]
-    poll_interval_ms: Option<u64>,
-    /// How often the id sequence is checked to wake idle partitions, in ms [default: 5].
-    #[arg(long, env = "OUTBOXD_WAKEUP_INTERVAL_MS", global = true)]
-    wakeup_interval_ms: Option<u64>,
-    /// First retry delay, in ms; doubles with jitter [default: 100].
-    #[arg(long, env = "OUTBOXD_RETRY_INITIAL_MS", global = true)]
-    retry_initial_ms: Option<u64>,
-    /// Longest retry delay, in ms [default: 10000].
-    #[arg(long, env = "OUTBOXD_RETRY_MAX_MS", global = true)]
-    retry_max_ms: Option<u64>,
-    /// Time in-flight batches get after SIGTERM/SIGINT, in ms [default: 10000].
-    #[arg(long, env = "OUTBOXD_SHUTDOWN_TIMEOUT_MS", global = true)]
-    shutdown_timeout_ms: Option<u64>,
-    /// PostgreSQL sessions the partition workers share [default: 8].
-    #[arg(long, env = "OUTBOXD_POOL_SIZE", global = true)]
-    pool_size: Option<usize>,
-    /// How long a partition lease lasts without renewal, in ms [default: 10000].
-    #[arg(long, env = "OUTBOXD_LEASE_TTL_MS", global = true)]
-    lease_ttl_ms: Option<u64>,
-    /// How often idle sticky mappings are forgotten, in ms; 0 = never [default: 60000].
-    #[arg(long, env = "OUTBOXD_MAPPING_CLEANUP_INTERVAL_MS", global = true)]
-    mapping_cleanup_interval_ms: Option<u64>,
-    /// Age after which an idle entity's mapping is forgotten, in s [default: 86400].
-    #[arg(long, env = "OUTBOXD_MAPPING_TTL_S", global = true)]
-    mapping_ttl_s: Option<u64>,
-    /// Address for /metrics and /health, e.g. 127.0.0.1:9464 [default: off].
-    #[arg(long, env = "OUTBOXD_HTTP_LISTEN", global = true)]
-    http_listen: Option<String>,
-    /// Policy for messages Kafka refuses for good: block, dead_letter, park_entity
-    /// [default: block]. Per topic: [topics.NAME] on_error in the file.
-    #[arg(long, env = "OUTBOXD_ON_ERROR", global = true)]
-    on_error: Option<outboxd::ErrorPolicy>,
-    /// A librdkafka producer property, KEY=VALUE; repeat for several.
-    #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
-    kafka: Vec<String>,
+    #[command(flatten)]
+    settings: outboxd::layers::SettingFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -211,82 +153,18 @@ enum PartitionAction {
 impl Cli {
     /// File first, then environment and flags (clap already merged those two).
     fn load_config(&self) -> Result<Config, Error> {
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        if let Some(v) = &self.database_url {
-            config.database_url = v.clone();
-        }
-        if let Some(v) = &self.database_password_file {
-            config.database_password_file = v.clone();
-        }
-        if let Some(v) = &self.kafka_sasl_password_file {
-            config.kafka_sasl_password_file = v.clone();
-        }
-        // Secrets themselves come only from the environment (or the files above).
-        if let Ok(v) = std::env::var("OUTBOXD_DATABASE_PASSWORD") {
-            config.database_password = Some(outboxd::secrets::Secret::new(v));
-        }
-        if let Ok(v) = std::env::var("OUTBOXD_KAFKA_SASL_PASSWORD") {
-            config.kafka_sasl_password = Some(outboxd::secrets::Secret::new(v));
-        }
-        if let Some(v) = &self.brokers {
-            config.brokers = v.clone();
-        }
-        if let Some(v) = &self.schema {
-            config.schema = v.clone();
-        }
-        if let Some(v) = self.batch_size {
-            config.batch_size = v;
-        }
-        if let Some(v) = self.poll_interval_ms {
-            config.poll_interval_ms = v;
-        }
-        if let Some(v) = self.wakeup_interval_ms {
-            config.wakeup_interval_ms = v;
-        }
-        if let Some(v) = self.retry_initial_ms {
-            config.retry_initial_ms = v;
-        }
-        if let Some(v) = self.retry_max_ms {
-            config.retry_max_ms = v;
-        }
-        if let Some(v) = self.shutdown_timeout_ms {
-            config.shutdown_timeout_ms = v;
-        }
-        if let Some(v) = self.lease_ttl_ms {
-            config.lease_ttl_ms = v;
-        }
-        if let Some(v) = self.pool_size {
-            config.pool_size = v;
-        }
-        if let Some(v) = self.mapping_cleanup_interval_ms {
-            config.mapping_cleanup_interval_ms = v;
-        }
-        if let Some(v) = self.mapping_ttl_s {
-            config.mapping_ttl_s = v;
-        }
-        if let Some(v) = &self.http_listen {
-            config.http_listen = v.clone();
-        }
-        if let Some(v) = self.on_error {
-            config.on_error = v;
-        }
-        for kv in &self.kafka {
-            let (k, v) = kv.split_once('=').ok_or_else(|| {
-                Error::Config(vec![format!("--kafka expects KEY=VALUE, got {kv:?}")])
-            })?;
-            config
-                .kafka
-                .insert(k.trim().to_owned(), v.trim().to_owned());
-        }
-        Ok(config)
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        outboxd::layers::load(self.config.as_deref(), &vars, &self.settings)
     }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--help` shows each setting's variable and default from the one source of both.
+    let matches = outboxd::layers::annotate(<Cli as clap::CommandFactory>::command()).get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     outboxd::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -345,12 +223,12 @@ async fn execute(cli: Cli) -> Result<(), Error> {
         Command::DeadLetters { action } => dead_letters(&mut config, action, json).await,
         Command::Partitions { action } => partitions(&mut config, action, json).await,
         Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut command = outboxd::layers::annotate(<Cli as clap::CommandFactory>::command());
             clap_complete::generate(shell, &mut command, "outboxd", &mut std::io::stdout());
             Ok(())
         }
         Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
+            let command = outboxd::layers::annotate(<Cli as clap::CommandFactory>::command());
             clap_mangen::Man::new(command)
                 .render(&mut std::io::stdout())
                 .map_err(|source| Error::Io {

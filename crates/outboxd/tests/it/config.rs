@@ -90,3 +90,100 @@ fn a_full_file_parses() {
     assert_eq!(config.batch_size, 200);
     assert_eq!(config.kafka.get("linger.ms").map(String::as_str), Some("2"));
 }
+
+/// The defaults in docs/configuration.md's table are `Config::default()`'s (which `--help`
+/// shows too, from the same struct).
+#[test]
+fn the_documented_defaults_are_the_structs() {
+    let docs = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/configuration.md"
+    ))
+    .expect("docs");
+    let defaults = serde_json::to_value(Config::default()).expect("serializes");
+    let mut checked = 0;
+    for line in docs.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split(" | ").collect();
+        let key = cells[0].trim_start_matches("| ").trim_matches('`');
+        let Some(value) = defaults.get(key) else {
+            continue;
+        };
+        let documented = cells[2].trim();
+        let expected = match value {
+            serde_json::Value::String(s) if s.is_empty() => None,
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(_) => continue,
+            other => Some(other.to_string()),
+        };
+        match expected {
+            Some(v) => assert_eq!(documented, format!("`{v}`"), "the default of {key}"),
+            None => assert!(
+                ["(required)", "none", "empty (off)"].contains(&documented),
+                "{key} has no default, the docs say {documented}"
+            ),
+        }
+        checked += 1;
+    }
+    assert!(checked >= 17, "only {checked} keys found in the table");
+}
+
+/// Defaults, file, environment and flags, in that order, through the binary.
+#[test]
+fn settings_layer_file_then_environment_then_flags_and_unknown_variables_are_refused() {
+    use std::process::Command;
+    let file = std::env::temp_dir().join(outbox_testkit::unique_name("layers.toml"));
+    std::fs::write(
+        &file,
+        "batch_size = 3\npool_size = 4\n[kafka]\n\"linger.ms\" = \"7\"\n",
+    )
+    .expect("write");
+    let run = |env: &[(&str, &str)], flags: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+        cmd.args(["check-config", "--json", "--config"])
+            .arg(&file)
+            .args([
+                "--database-url",
+                "postgres://a@127.0.0.1/b",
+                "--brokers",
+                "x:1",
+            ])
+            .args(flags)
+            .env_remove("OUTBOXD_DATABASE_URL")
+            .env_remove("OUTBOXD_BROKERS");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run(
+        &[
+            ("OUTBOXD_POOL_SIZE", "5"),
+            ("OUTBOXD_BATCH_SIZE", "6"),
+            ("OUTBOXD_KAFKA__LINGER_MS", "9"),
+            ("OUTBOXD_KAFKA__SASL_MECHANISM", "PLAIN"),
+            ("OUTBOXD_TOPICS__AUDIT__ON_ERROR", "dead_letter"),
+        ],
+        &["--batch-size", "8"],
+    );
+    assert!(ok, "{err}");
+    let c: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(c["batch_size"], 8, "the flag wins");
+    assert_eq!(c["pool_size"], 5, "the environment over the file");
+    assert_eq!(c["kafka"]["linger.ms"], "9");
+    assert_eq!(c["kafka"]["sasl.mechanism"], "PLAIN");
+    assert_eq!(c["topics"]["audit"]["on_error"], "dead_letter");
+    assert_eq!(c["retry_max_ms"], 10000, "the default");
+    let (ok, _, err) = run(&[("OUTBOXD_BATCH_SIZ", "6")], &[]);
+    assert!(
+        !ok && err.contains("batch_siz") && err.contains("OUTBOXD_"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&[("OUTBOXD_POOL_SIZE", "many")], &[]);
+    assert!(!ok && err.contains("POOL_SIZE"), "{err}");
+    let _ = std::fs::remove_file(&file);
+}

@@ -224,8 +224,8 @@ async fn every_bad_command_line_fails_with_an_error_an_operator_can_act_on() {
                 "--kafka",
                 "novalue",
             ],
-            1,
-            vec!["--kafka expects KEY=VALUE"],
+            2,
+            vec!["invalid value 'novalue' for '--kafka <KEY=VALUE>': expected KEY=VALUE"],
         ),
         (
             vec!["run", "--on-error", "bogus"],
