@@ -208,3 +208,33 @@ async fn migrate_status_lists_applied_and_pending_migrations() {
     let client = outbox_testkit::connect().await;
     outbox_testkit::drop_schema(&client, &fresh).await;
 }
+
+#[test]
+fn completions_man_page_and_json_outputs_are_generated() {
+    let bash = outboxd(&["completions", "bash"]);
+    for word in [
+        "outboxd",
+        "dead-letters",
+        "partitions",
+        "status",
+        "--log-format",
+    ] {
+        assert!(bash.contains(word), "the bash completion knows {word}");
+    }
+    assert!(outboxd(&["completions", "zsh"]).contains("#compdef outboxd"));
+    let man = outboxd(&["man"]);
+    assert!(man.contains(".TH outboxd 1"), "{man}");
+    assert!(
+        man.contains("OUTBOXD_BATCH_SIZE"),
+        "the man page names the variables"
+    );
+    let sql: Value =
+        serde_json::from_str(&outboxd(&["print-sql", "--json", "--schema", "x"])).expect("JSON");
+    assert!(
+        sql["renew_leases"]
+            .as_str()
+            .is_some_and(|s| s.contains("x.partition_lease"))
+    );
+    let config: Value = serde_json::from_str(&outboxd(&["check-config", "--json"])).expect("JSON");
+    assert_eq!(config["batch_size"], 1000);
+}
