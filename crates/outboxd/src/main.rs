@@ -5,6 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod cli;
+
+use cli::dead_letters::DeadLetterAction;
+use cli::output::{print_json, print_migrations};
+use cli::partitions::PartitionAction;
 use outboxd::{Config, Error};
 
 /// Relay for the transactional outbox: publishes messages committed in PostgreSQL to
@@ -90,66 +96,6 @@ enum Command {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum DeadLetterAction {
-    /// List dead letters, oldest first.
-    List {
-        /// Only this topic.
-        #[arg(long)]
-        topic: Option<String>,
-        /// Only this entity.
-        #[arg(long)]
-        entity: Option<String>,
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
-        limit: i64,
-    },
-    /// Show one dead letter in full (payload, headers, error).
-    Show {
-        /// The message id.
-        id: i64,
-    },
-    /// Put a message back in order for its entity (one that parked its entity: it goes
-    /// ahead of the entity's held-back messages, and the entity is released); a message that
-    /// was overtaken is refused, with the reason.
-    Retry {
-        /// The message id.
-        id: i64,
-    },
-    /// Delete a dead letter for good (refused while its entity is parked on it).
-    Drop {
-        /// The message id.
-        id: i64,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum PartitionAction {
-    /// Change the number of virtual partitions (new entities spread over the new count;
-    /// existing ones keep theirs while messages wait).
-    Resize {
-        /// The new count.
-        count: i32,
-        /// Wait, showing progress, until the partitions at or above the new count are drained
-        /// and no entity is mapped there any more.
-        #[arg(long)]
-        wait: bool,
-    },
-    /// Stop relaying one partition on purpose (its messages wait; the others flow).
-    Pause {
-        /// The partition.
-        partition: i32,
-        /// Why, shown by `outboxd status`.
-        #[arg(long, default_value = "paused by an operator")]
-        reason: String,
-    },
-    /// Relay a paused partition again.
-    Resume {
-        /// The partition.
-        partition: i32,
-    },
-}
-
 impl Cli {
     /// File first, then environment and flags (clap already merged those two).
     fn load_config(&self) -> Result<Config, Error> {
@@ -220,8 +166,8 @@ async fn execute(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
-        Command::DeadLetters { action } => dead_letters(&mut config, action, json).await,
-        Command::Partitions { action } => partitions(&mut config, action, json).await,
+        Command::DeadLetters { action } => cli::dead_letters::run(&mut config, action, json).await,
+        Command::Partitions { action } => cli::partitions::run(&mut config, action, json).await,
         Command::Completions { shell } => {
             let mut command = outboxd::layers::annotate(<Cli as clap::CommandFactory>::command());
             clap_complete::generate(shell, &mut command, "outboxd", &mut std::io::stdout());
@@ -309,198 +255,6 @@ async fn execute(cli: Cli) -> Result<(), Error> {
     }
 }
 
-async fn dead_letters(
-    config: &mut Config,
-    action: DeadLetterAction,
-    json: bool,
-) -> Result<(), Error> {
-    use outboxd::dead_letters as dl;
-    let mut client = connect_db(config).await?;
-    let schema = config.schema()?;
-    match action {
-        DeadLetterAction::List {
-            topic,
-            entity,
-            limit,
-        } => {
-            let filter = dl::Filter {
-                topic,
-                entity_key: entity,
-                limit,
-            };
-            let found = dl::list(&client, &schema, &filter).await?;
-            if json {
-                print_json(&found);
-            } else {
-                let mut table = comfy_table::Table::new();
-                table
-                    .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
-                    .set_header(vec![
-                        "id",
-                        "partition",
-                        "topic",
-                        "entity",
-                        "policy",
-                        "failed at",
-                        "error",
-                    ]);
-                for d in &found {
-                    let policy = if d.parks_its_entity {
-                        format!("{} (entity parked)", d.policy)
-                    } else {
-                        d.policy.clone()
-                    };
-                    table.add_row(vec![
-                        d.id.to_string(),
-                        d.partition.to_string(),
-                        d.topic.clone(),
-                        d.entity_key.clone(),
-                        policy,
-                        d.failed_at.clone(),
-                        d.error.clone(),
-                    ]);
-                }
-                println!("{} dead letter(s)\n{table}", found.len());
-            }
-        }
-        DeadLetterAction::Show { id } => {
-            let detail = dl::show(&client, &schema, id).await?;
-            if json {
-                print_json(&detail);
-            } else {
-                let text = toml::to_string(&detail).map_err(|e| {
-                    Error::Config(vec![format!("cannot print the dead letter: {e}")])
-                })?;
-                print!("{text}");
-            }
-        }
-        DeadLetterAction::Retry { id } => {
-            let partition = dl::retry(&mut client, &schema, id).await?;
-            if json {
-                print_json(&serde_json::json!({ "retried": id, "partition": partition }));
-            } else {
-                println!(
-                    "message {id} is back in partition {partition}, ahead of its entity's held-back messages; the entity is released"
-                );
-            }
-        }
-        DeadLetterAction::Drop { id } => {
-            dl::drop_message(&client, &schema, id).await?;
-            if json {
-                print_json(&serde_json::json!({ "dropped": id }));
-            } else {
-                println!("dead letter {id} dropped");
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn partitions(config: &mut Config, action: PartitionAction, json: bool) -> Result<(), Error> {
-    use outboxd::partitions as parts;
-    let client = connect_db(config).await?;
-    let schema = config.schema()?;
-    match action {
-        PartitionAction::Resize { count, wait } => {
-            let old = parts::resize(&client, &schema, count).await?;
-            if !json {
-                println!("partition count {old} -> {count}");
-            }
-            if wait {
-                let mut last = None;
-                loop {
-                    let left = parts::above_count(&client, &schema).await?;
-                    if last.as_ref() != Some(&left) {
-                        if json {
-                            print_json(&left);
-                        } else {
-                            println!(
-                                "above the count: {} messages waiting in {} partition(s), {} entities still mapped",
-                                left.waiting,
-                                left.partitions.len(),
-                                left.mapped_entities
-                            );
-                        }
-                    }
-                    if left.waiting == 0 && left.mapped_entities == 0 {
-                        break;
-                    }
-                    last = Some(left);
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-            }
-            if json && !wait {
-                print_json(&serde_json::json!({ "from": old, "to": count }));
-            } else if wait && !json {
-                println!("done: every entity is mapped below {count}");
-            }
-        }
-        PartitionAction::Pause { partition, reason } => {
-            parts::pause(&client, &schema, partition, &reason).await?;
-            if json {
-                print_json(&serde_json::json!({ "paused": partition }));
-            } else {
-                println!("partition {partition} paused: its owner stops after its current batch");
-            }
-        }
-        PartitionAction::Resume { partition } => {
-            parts::resume(&client, &schema, partition).await?;
-            if json {
-                print_json(&serde_json::json!({ "resumed": partition }));
-            } else {
-                println!("partition {partition} resumed");
-            }
-        }
-    }
-    Ok(())
-}
-
-fn print_json(value: &impl serde::Serialize) {
-    match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
-        Err(e) => eprintln!("outboxd: cannot print JSON: {e}"),
-    }
-}
-
-/// `migrate --status`: every migration this build knows, applied or pending, and any newer
-/// one the schema records.
-fn print_migrations(schema: &outbox::Schema, migrations: &[outbox::MigrationStatus], json: bool) {
-    let known = |v: i32| v <= outbox::SCHEMA_VERSION;
-    if json {
-        let list: Vec<serde_json::Value> = migrations
-            .iter()
-            .map(|m| {
-                serde_json::json!({
-                    "version": m.version,
-                    "name": m.name,
-                    "applied_at": m.applied_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-                    "pending": m.applied_at.is_none(),
-                    "known_to_this_build": known(m.version),
-                })
-            })
-            .collect();
-        print_json(&serde_json::json!({ "schema": schema.name(), "migrations": list }));
-        return;
-    }
-    let mut table = comfy_table::Table::new();
-    table
-        .load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
-        .set_header(vec!["version", "name", "applied"]);
-    for m in migrations {
-        let applied = match m.applied_at {
-            Some(t) if known(m.version) => humantime::format_rfc3339_seconds(t).to_string(),
-            Some(t) => format!(
-                "{} (newer than this build)",
-                humantime::format_rfc3339_seconds(t)
-            ),
-            None => "pending".to_owned(),
-        };
-        table.add_row(vec![m.version.to_string(), m.name.clone(), applied]);
-    }
-    let pending = migrations.iter().filter(|m| m.applied_at.is_none()).count();
-    println!("schema {schema}: {pending} pending\n{table}");
-}
-
 /// Runs the relay, with the Prometheus recorder and the HTTP endpoint when `http_listen`
 /// is set.
 async fn run(config: Config) -> Result<(), Error> {
@@ -542,7 +296,7 @@ async fn run_operator_statement(
 }
 
 /// Connects for the one-shot commands, which need only the database.
-async fn connect_db(config: &mut Config) -> Result<tokio_postgres::Client, Error> {
+pub(crate) async fn connect_db(config: &mut Config) -> Result<tokio_postgres::Client, Error> {
     if config.brokers.is_empty() {
         config.brokers = "unused".to_owned();
     }

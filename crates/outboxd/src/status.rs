@@ -10,8 +10,9 @@ use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
 
-/// The most waiting messages counted per partition (`waiting` shows `100000+` beyond).
-pub const COUNT_CAP: i64 = 100_000;
+/// The most waiting messages counted per partition (`waiting` shows `100000+` beyond): the
+/// backlog gauges' cap.
+pub const COUNT_CAP: i64 = crate::backlog::COUNT_CAP;
 
 /// Everything `outboxd status` shows.
 #[derive(Debug, Clone, Serialize)]
