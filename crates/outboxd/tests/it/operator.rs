@@ -11,7 +11,7 @@ use std::time::Duration;
 use outboxd::ErrorPolicy;
 use serde_json::Value;
 
-use crate::support::{RunningRelay, Setup, wait_until, write_messages};
+use crate::support::{RunningRelay, Setup, pin, wait_until, write_messages};
 
 /// Runs `outboxd args`; (success, stdout, stderr).
 fn outboxd(args: &[&str]) -> (bool, String, String) {
@@ -33,21 +33,6 @@ fn ok_json(args: &[&str]) -> Value {
     let (ok, out, err) = outboxd(args);
     assert!(ok, "outboxd {args:?}: {out}{err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-/// Pins `entity` to `partition` before its first message.
-async fn pin(setup: &Setup, entity: &str, partition: i32) {
-    setup
-        .client
-        .execute(
-            &format!(
-                "INSERT INTO {}.entity_partition (entity_key, partition) VALUES ($1, $2)",
-                setup.schema
-            ),
-            &[&entity, &partition],
-        )
-        .await
-        .expect("pin");
 }
 
 fn ids_in_order(topic: &str, count: usize) -> Vec<i64> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use outboxd::ErrorPolicy;
 use serde_json::Value;
 
-use crate::support::{RunningRelay, Setup, wait_until, write_messages};
+use crate::support::{RunningRelay, Setup, pin, wait_until, write_messages};
 
 fn outboxd(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
@@ -41,21 +41,6 @@ fn partition(status: &Value, p: i32) -> Value {
         .find(|x| x["partition"] == p)
         .cloned()
         .unwrap_or_else(|| panic!("partition {p} in {status}"))
-}
-
-/// Pins `entity` to `partition` before its first message (the owner may write mappings).
-async fn pin(setup: &Setup, entity: &str, partition: i32) {
-    setup
-        .client
-        .execute(
-            &format!(
-                "INSERT INTO {}.entity_partition (entity_key, partition) VALUES ($1, $2)",
-                setup.schema
-            ),
-            &[&entity, &partition],
-        )
-        .await
-        .expect("pin");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -158,6 +158,22 @@ pub async fn write_messages(
     ids
 }
 
+/// Pins `entity` to `partition` before its first message (the schema's owner may write
+/// mappings), so a test knows which virtual partition it lands in.
+pub async fn pin(setup: &Setup, entity: &str, partition: i32) {
+    setup
+        .client
+        .execute(
+            &format!(
+                "INSERT INTO {}.entity_partition (entity_key, partition) VALUES ($1, $2)",
+                setup.schema
+            ),
+            &[&entity, &partition],
+        )
+        .await
+        .expect("pin");
+}
+
 /// Polls `check` every 50 ms until it returns true or `timeout` passes.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
