@@ -127,8 +127,10 @@ fn as_map<S: serde::Serializer>(
     serializer.collect_map(pairs.iter().map(|(k, v)| (k, v)))
 }
 
-/// Merges the layers into one configuration: defaults, `file`, the environment `vars` (the
-/// process's, in the binary), `flags`.
+/// Merges the layers into one configuration: defaults, `file`, the environment, `flags`.
+/// The plain `OUTBOXD_<KEY>` settings are read by figment from the process's environment;
+/// `vars` (the same variables, in the binary) gives the `[kafka]` and `[topics]` ones and the
+/// passwords.
 pub fn load(
     file: Option<&Path>,
     vars: &[(String, String)],
