@@ -136,33 +136,22 @@ pub async fn show(client: &Client, schema: &outbox::Schema, id: i64) -> Result<D
         .await
         .map_err(Error::pg("reading the dead letter"))?
         .ok_or_else(|| Error::NotFound(format!("no dead letter with id {id}")))?;
-    let get = Error::pg("reading the dead letter");
-    let names: Vec<String> = row.try_get(12).map_err(get)?;
-    let values: Vec<Option<String>> = row
-        .try_get(13)
-        .map_err(Error::pg("reading the dead letter"))?;
-    let payload: Option<Vec<u8>> = row
-        .try_get(16)
-        .map_err(Error::pg("reading the dead letter"))?;
+    detail(&row).map_err(Error::pg("reading the dead letter"))
+}
+
+fn detail(row: &tokio_postgres::Row) -> std::result::Result<Detail, tokio_postgres::Error> {
+    let names: Vec<String> = row.try_get(12)?;
+    let values: Vec<Option<String>> = row.try_get(13)?;
+    let payload: Option<Vec<u8>> = row.try_get(16)?;
     Ok(Detail {
-        summary: summary(&row).map_err(Error::pg("reading the dead letter"))?,
-        kafka_key_base64: row
-            .try_get(9)
-            .map_err(Error::pg("reading the dead letter"))?,
-        kafka_partition: row
-            .try_get(10)
-            .map_err(Error::pg("reading the dead letter"))?,
-        payload_base64: row
-            .try_get(11)
-            .map_err(Error::pg("reading the dead letter"))?,
+        summary: summary(row)?,
+        kafka_key_base64: row.try_get(9)?,
+        kafka_partition: row.try_get(10)?,
+        payload_base64: row.try_get(11)?,
         payload_text: payload.and_then(|p| String::from_utf8(p).ok()),
         headers: names.into_iter().zip(values).collect(),
-        event_type: row
-            .try_get(14)
-            .map_err(Error::pg("reading the dead letter"))?,
-        created_at: row
-            .try_get(15)
-            .map_err(Error::pg("reading the dead letter"))?,
+        event_type: row.try_get(14)?,
+        created_at: row.try_get(15)?,
     })
 }
 

@@ -72,22 +72,15 @@ pub async fn above_count(client: &Client, schema: &outbox::Schema) -> Result<Abo
         )
         .await
         .map_err(Error::pg("reading what waits above the count"))?;
-    let get = |i| {
-        row.try_get(i)
-            .map_err(Error::pg("reading what waits above the count"))
+    let decode = |row: &tokio_postgres::Row| {
+        Ok::<_, tokio_postgres::Error>(AboveCount {
+            count: row.try_get(0)?,
+            partitions: row.try_get(1)?,
+            waiting: row.try_get(2)?,
+            mapped_entities: row.try_get(3)?,
+        })
     };
-    Ok(AboveCount {
-        count: get(0)?,
-        partitions: row
-            .try_get(1)
-            .map_err(Error::pg("reading what waits above the count"))?,
-        waiting: row
-            .try_get(2)
-            .map_err(Error::pg("reading what waits above the count"))?,
-        mapped_entities: row
-            .try_get(3)
-            .map_err(Error::pg("reading what waits above the count"))?,
-    })
+    decode(&row).map_err(Error::pg("reading what waits above the count"))
 }
 
 /// Pauses `partition`, recording `reason`.

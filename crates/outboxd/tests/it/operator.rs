@@ -5,29 +5,12 @@
 //! waited; `partitions resize --wait` follows the drain above a lowered count.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
 use outboxd::ErrorPolicy;
 use serde_json::Value;
 
-use crate::support::{RunningRelay, Setup, pin, wait_until, write_messages};
-
-/// Runs `outboxd args`; (success, stdout, stderr).
-fn outboxd(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(args)
-        .env("OUTBOXD_DATABASE_URL", outbox_testkit::database_url())
-        .env("OUTBOXD_BROKERS", outbox_testkit::brokers())
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run outboxd");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::{RunningRelay, Setup, outboxd, pin, wait_until, write_messages};
 
 fn ok_json(args: &[&str]) -> Value {
     let (ok, out, err) = outboxd(args);
@@ -235,11 +218,7 @@ async fn a_paused_partition_waits_while_the_others_flow_and_resumes_in_order() {
         "nothing of the paused partition"
     );
     let status = ok_json(&["status", "--json", "--schema", &schema]);
-    let p1 = status["partitions"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["partition"] == 1))
-        .cloned()
-        .expect("partition 1");
+    let p1 = crate::status::partition(&status, 1);
     assert_eq!(p1["state"], "paused", "{p1}");
     assert_eq!(p1["paused_reason"], "consumer repair");
     assert_eq!(p1["waiting"], 5);

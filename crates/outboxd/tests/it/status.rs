@@ -4,7 +4,6 @@
 //! owner died and its lease ran out. `migrate --status` lists applied and pending
 //! migrations.
 
-use std::process::Command;
 use std::time::Duration;
 
 use outboxd::ErrorPolicy;
@@ -12,28 +11,19 @@ use serde_json::Value;
 
 use crate::support::{RunningRelay, Setup, pin, wait_until, write_messages};
 
+/// Runs `outboxd args`, which must succeed; its stdout.
 fn outboxd(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(args)
-        .env("OUTBOXD_DATABASE_URL", outbox_testkit::database_url())
-        .env("OUTBOXD_BROKERS", outbox_testkit::brokers())
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run outboxd");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "outboxd {args:?}: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let (ok, out, err) = crate::support::outboxd(args);
+    assert!(ok, "outboxd {args:?}: {out}{err}");
+    out
 }
 
 fn status(schema: &str) -> Value {
     serde_json::from_str(&outboxd(&["status", "--json", "--schema", schema])).expect("JSON")
 }
 
-fn partition(status: &Value, p: i32) -> Value {
+/// Partition `p` of a `status --json` answer.
+pub fn partition(status: &Value, p: i32) -> Value {
     status["partitions"]
         .as_array()
         .expect("partitions")

@@ -158,6 +158,23 @@ pub async fn write_messages(
     ids
 }
 
+/// Runs the `outboxd` binary with `args` against the test services; (success, stdout,
+/// stderr).
+pub fn outboxd(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(args)
+        .env("OUTBOXD_DATABASE_URL", outbox_testkit::database_url())
+        .env("OUTBOXD_BROKERS", outbox_testkit::brokers())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run outboxd");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Pins `entity` to `partition` before its first message (the schema's owner may write
 /// mappings), so a test knows which virtual partition it lands in.
 pub async fn pin(setup: &Setup, entity: &str, partition: i32) {
