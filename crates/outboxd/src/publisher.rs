@@ -23,7 +23,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, 
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::reader::OutboxRow;
+use crate::pipeline::reader::OutboxRow;
 
 /// Header carrying the outbox message id: increasing in commit order within one entity, so
 /// consumers can drop redelivered duplicates by remembering the last id per entity.

@@ -20,8 +20,8 @@ use crate::ownership::Ownership;
 use crate::publisher::Publisher;
 use crate::startup::{Started, start_up};
 use crate::supervisor::{Starter, Supervisor, Task, TaskFuture};
-use crate::wakeup::{Mailbox, Poller, PollerPulse, Served};
-use crate::worker::{WorkerContext, run_worker};
+use crate::pipeline::wakeup::{Mailbox, Poller, PollerPulse, Served};
+use crate::pipeline::worker::{WorkerContext, run_worker};
 
 /// Runs the relay until `shutdown` completes, then shuts down gracefully. Returns an error
 /// when it cannot start (bad config, unreachable PostgreSQL, missing schema).

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::sql::Statements;
-use crate::wakeup::{PollerStart, initial_state};
+use crate::pipeline::wakeup::{PollerStart, initial_state};
 
 /// What the relay starts from.
 pub struct Started {

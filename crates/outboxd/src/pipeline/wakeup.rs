@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::periodic::Periodic;
-use crate::reader::Window;
+use crate::pipeline::reader::Window;
 use crate::session::Incarnation;
 use crate::sql::{SESSION_SETUP, Statements};
 

@@ -37,8 +37,8 @@ use crate::config::ErrorPolicy;
 use crate::error::{Error, Result};
 use crate::health::PartitionState;
 use crate::publisher::{Refusal, Sent, classify};
-use crate::reader::OutboxRow;
-use crate::worker::Worker;
+use crate::pipeline::reader::OutboxRow;
+use crate::pipeline::worker::Worker;
 
 /// How delivering one batch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,17 +14,17 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::delivery::Outcome;
+use crate::pipeline::delivery::Outcome;
 use crate::error::{Error, Result};
 use crate::faults::Faults;
 use crate::health::{Health, PartitionState};
 use crate::metrics::PartitionMetrics;
 use crate::ownership::Ownership;
 use crate::publisher::Publisher;
-use crate::reader::PartitionReader;
+use crate::pipeline::reader::PartitionReader;
 use crate::sessions::{Checkout, SessionPool};
 use crate::sql::Statements;
-use crate::wakeup::{Mailbox, PollerPulse};
+use crate::pipeline::wakeup::{Mailbox, PollerPulse};
 
 /// What every worker shares.
 pub struct WorkerContext {
@@ -440,7 +440,7 @@ impl Worker<'_> {
     /// error means a session failed (it was closed; the caller claims again and rereads).
     async fn deliver_and_retire(
         &mut self,
-        batch: &[crate::reader::OutboxRow],
+        batch: &[crate::pipeline::reader::OutboxRow],
         blocked: &mut Option<i64>,
     ) -> Result<Step> {
         let Some(first) = batch.first() else {

@@ -1,0 +1,11 @@
+//! The path of a message through the relay, in the order it travels: the wake-up poller
+//! finds new windows (`wakeup`), a partition's reader cuts them into batches (`reader`),
+//! delivery publishes each batch and applies the failure policies (`delivery`), the
+//! in-flight queue keeps several batches on their way while their acknowledgements come back
+//! in order (`in_flight`), and the worker runs one partition's lifecycle around them
+//! (`worker`).
+
+pub(crate) mod delivery;
+pub mod reader;
+pub(crate) mod wakeup;
+pub(crate) mod worker;
