@@ -46,6 +46,10 @@ pub struct Config {
     pub schema: String,
     /// Most messages read and published as one batch per partition. Default: 1000.
     pub batch_size: usize,
+    /// How many batches of one partition may be on their way to Kafka at once: the next
+    /// batch is read and sent while the earlier ones await their acknowledgements, which
+    /// come back, and are retired, in order. 1 sends one batch at a time. Default: 4.
+    pub batches_in_flight: usize,
     /// Longest wait before an idle partition is read again even without a wake-up, in ms
     /// (the safety net should the wake-up poller fail). Default: 250.
     pub poll_interval_ms: u64,
@@ -102,6 +106,7 @@ impl std::fmt::Debug for Config {
             .field("brokers", &m.brokers)
             .field("schema", &m.schema)
             .field("batch_size", &m.batch_size)
+            .field("batches_in_flight", &m.batches_in_flight)
             .field("poll_interval_ms", &m.poll_interval_ms)
             .field("wakeup_interval_ms", &m.wakeup_interval_ms)
             .field("retry_initial_ms", &m.retry_initial_ms)
@@ -182,6 +187,7 @@ impl Default for Config {
             brokers: String::new(),
             schema: "outbox".to_owned(),
             batch_size: 1000,
+            batches_in_flight: 4,
             poll_interval_ms: 250,
             wakeup_interval_ms: 5,
             retry_initial_ms: 100,
@@ -306,6 +312,12 @@ impl Config {
             problems.push(format!(
                 "pool_size must be 1..=1000, got {}",
                 self.pool_size
+            ));
+        }
+        if !(1..=64).contains(&self.batches_in_flight) {
+            problems.push(format!(
+                "batches_in_flight must be 1..=64, got {}",
+                self.batches_in_flight
             ));
         }
         if !(1..=100_000).contains(&self.batch_size) {

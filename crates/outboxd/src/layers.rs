@@ -61,6 +61,10 @@ pub struct SettingFlags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// Batches of one partition on their way to Kafka at once.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batches_in_flight: Option<usize>,
     /// Longest wait before an idle partition is read again without a wake-up, in ms.
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -10,6 +10,7 @@
 //! a message that blocks its partition, so that a refusal never turns the shared producer's
 //! gap-less guarantee into a fatal error for every partition again and again.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -194,6 +195,64 @@ pub enum Sent {
     NotSent,
 }
 
+/// Rows enqueued on the main producer whose acknowledgements are still to come (see
+/// [`Publisher::start`] and [`Publisher::finish`]).
+pub struct Sending {
+    /// The producer that carries them.
+    producer: Arc<Producer2>,
+    deliveries: Vec<DeliveryFuture>,
+    /// Why the first row that could not be enqueued was refused, if one was.
+    refused: Option<KafkaError>,
+    rows: usize,
+}
+
+impl Sending {
+    /// True when every row was enqueued: none was refused before it reached the producer.
+    pub fn fully_enqueued(&self) -> bool {
+        self.refused.is_none()
+    }
+
+    /// The producer that carries these rows.
+    pub fn producer(&self) -> ProducerHandle {
+        ProducerHandle(Arc::clone(&self.producer))
+    }
+}
+
+/// Topics Kafka acknowledged a message for, each with the explicit partitions it did (`None`
+/// standing for the topic itself).
+type KnownTopics = HashMap<String, HashSet<Option<i32>>>;
+
+fn is_known(known: &KnownTopics, row: &OutboxRow) -> bool {
+    known
+        .get(row.topic.as_str())
+        .is_some_and(|p| p.contains(&row.kafka_partition))
+}
+
+/// Names one main producer (an idempotent producer keeps order only among its own messages;
+/// after a fatal error it is replaced by another). Holding it keeps the producer alive.
+#[derive(Clone)]
+pub struct ProducerHandle(Arc<Producer2>);
+
+#[cfg(test)]
+impl ProducerHandle {
+    /// A producer of its own that never connects anywhere (for unit tests).
+    pub(crate) fn for_tests() -> Self {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", "127.0.0.1:1");
+        let context = EventsContext::new(&Arc::default(), &config);
+        ProducerHandle(Arc::new(
+            config
+                .create_with_context(context)
+                .expect("a producer with no connection"),
+        ))
+    }
+}
+
+/// [`Publisher::start`] enqueued nothing: the main producer was replaced since the earlier
+/// send it was asked to follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotSameProducer;
+
 /// The relay's Kafka producers; see the module docs.
 pub struct Publisher {
     config: ClientConfig,
@@ -203,6 +262,9 @@ pub struct Publisher {
     probe: Mutex<Option<Arc<Producer2>>>,
     fatal_errors: AtomicU64,
     last_fatal: Mutex<Option<(Instant, String)>>,
+    /// Topics, and explicit partitions, Kafka has acknowledged a message for (see
+    /// [`Publisher::known_to_exist`]).
+    known: RwLock<KnownTopics>,
 }
 
 impl Publisher {
@@ -222,7 +284,36 @@ impl Publisher {
             probe: Mutex::new(None),
             fatal_errors: AtomicU64::new(0),
             last_fatal: Mutex::new(None),
+            known: RwLock::new(KnownTopics::new()),
         })
+    }
+
+    /// Records that Kafka acknowledged `rows`: their topics (and explicit partitions) exist.
+    pub fn note_acknowledged<'r>(&self, rows: impl IntoIterator<Item = &'r OutboxRow>) {
+        let new: Vec<&OutboxRow> = {
+            let known = self.known.read().unwrap_or_else(|p| p.into_inner());
+            rows.into_iter()
+                .filter(|row| !is_known(&known, row))
+                .collect()
+        };
+        if new.is_empty() {
+            return;
+        }
+        let mut known = self.known.write().unwrap_or_else(|p| p.into_inner());
+        for row in new {
+            let partitions = known.entry(row.topic.clone()).or_default();
+            partitions.insert(None);
+            partitions.insert(row.kafka_partition);
+        }
+    }
+
+    /// True when Kafka has acknowledged a message for `row`'s topic (and for its explicit
+    /// partition, if it names one) before. A message for a topic the producer does not know
+    /// waits in its queue and fails after a while if the topic does not appear, but one sent
+    /// after that failure succeeds once it does: so the first messages of a topic are not
+    /// sent behind others in flight (see `pipeline::in_flight`).
+    pub fn known_to_exist(&self, row: &OutboxRow) -> bool {
+        is_known(&self.known.read().unwrap_or_else(|p| p.into_inner()), row)
     }
 
     /// Messages the main producer holds: queued, in flight, or awaiting acknowledgement.
@@ -311,7 +402,30 @@ impl Publisher {
     /// When a row cannot even be enqueued, the rows after it are not sent (`Sent::NotSent`):
     /// nothing may go out ahead of it.
     pub async fn send(&self, rows: &[&OutboxRow]) -> Vec<Sent> {
+        match self.start(rows, None).await {
+            Ok(sending) => self.finish(sending).await,
+            // Without an earlier send to match, `start` always enqueues.
+            Err(NotSameProducer) => rows.iter().map(|_| Sent::NotSent).collect(),
+        }
+    }
+
+    /// Enqueues `rows` in order on the main producer without waiting for their
+    /// acknowledgements (see [`Publisher::finish`]). When a row cannot be enqueued, the rows
+    /// after it are not. With `same_as`, nothing is enqueued unless the main producer is
+    /// still the one that carries that earlier send: the idempotent producer keeps order only
+    /// among the messages it carries itself, and a replaced producer's messages fail while a
+    /// new one's may succeed.
+    pub async fn start(
+        &self,
+        rows: &[&OutboxRow],
+        same_as: Option<&ProducerHandle>,
+    ) -> std::result::Result<Sending, NotSameProducer> {
         let producer = self.current();
+        if let Some(earlier) = same_as
+            && !Arc::ptr_eq(&earlier.0, &producer)
+        {
+            return Err(NotSameProducer);
+        }
         let mut deliveries = Vec::with_capacity(rows.len());
         let mut refused = None;
         for row in rows {
@@ -323,6 +437,22 @@ impl Publisher {
                 }
             }
         }
+        Ok(Sending {
+            producer,
+            deliveries,
+            refused,
+            rows: rows.len(),
+        })
+    }
+
+    /// Waits for the acknowledgements of an enqueued send: one [`Sent`] per row, in order.
+    pub async fn finish(&self, sending: Sending) -> Vec<Sent> {
+        let Sending {
+            producer,
+            deliveries,
+            refused,
+            rows,
+        } = sending;
         let all = join_all(deliveries);
         tokio::pin!(all);
         // While waiting, watch for a fatal error of the producer the rows went through: its
@@ -356,7 +486,7 @@ impl Publisher {
         if let Some(e) = refused {
             results.push(Sent::Failed(e));
         }
-        while results.len() < rows.len() {
+        while results.len() < rows {
             results.push(Sent::NotSent);
         }
         if results.iter().any(|r| matches!(r, Sent::Acked)) {

@@ -17,11 +17,11 @@ use crate::error::Result;
 use crate::faults::Faults;
 use crate::health::Health;
 use crate::ownership::Ownership;
+use crate::pipeline::wakeup::{Mailbox, Poller, PollerPulse, Served};
+use crate::pipeline::worker::{WorkerContext, run_worker};
 use crate::publisher::Publisher;
 use crate::startup::{Started, start_up};
 use crate::supervisor::{Starter, Supervisor, Task, TaskFuture};
-use crate::pipeline::wakeup::{Mailbox, Poller, PollerPulse, Served};
-use crate::pipeline::worker::{WorkerContext, run_worker};
 
 /// Runs the relay until `shutdown` completes, then shuts down gracefully. Returns an error
 /// when it cannot start (bad config, unreachable PostgreSQL, missing schema).

@@ -14,8 +14,8 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::health::Health;
-use crate::sql::Statements;
 use crate::pipeline::wakeup::{PollerStart, initial_state};
+use crate::sql::Statements;
 
 /// What the relay starts from.
 pub struct Started {

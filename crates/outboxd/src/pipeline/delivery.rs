@@ -36,9 +36,9 @@ use crate::backoff::Backoff;
 use crate::config::ErrorPolicy;
 use crate::error::{Error, Result};
 use crate::health::PartitionState;
-use crate::publisher::{Refusal, Sent, classify};
 use crate::pipeline::reader::OutboxRow;
 use crate::pipeline::worker::Worker;
+use crate::publisher::{Refusal, Sent, classify};
 
 /// How delivering one batch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +59,7 @@ pub enum Outcome {
 
 /// After this long without acknowledgements, the partition shows as retrying (Kafka is
 /// unreachable or slow); the producer keeps trying.
-const ACK_WAIT_BEFORE_RETRYING: Duration = Duration::from_secs(5);
+pub(crate) const ACK_WAIT_BEFORE_RETRYING: Duration = Duration::from_secs(5);
 
 /// Why a message is refused, as recorded in `dead_letter.error`.
 #[derive(Debug)]
@@ -80,13 +80,16 @@ impl std::fmt::Display for Fault {
 /// Where a message goes in Kafka, as far as order is concerned: the idempotent producer keeps
 /// order within one Kafka partition, and one topic with one key (or one explicit partition)
 /// is one Kafka partition.
-#[derive(Debug, PartialEq, Eq)]
-enum Lane<'r> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane<'r> {
+    /// A topic and the record's key.
     Key(&'r str, &'r [u8]),
+    /// A topic and an explicit Kafka partition.
     Partition(&'r str, i32),
 }
 
-fn lane(row: &OutboxRow) -> Lane<'_> {
+/// The lane `row` goes to.
+pub(crate) fn lane(row: &OutboxRow) -> Lane<'_> {
     match row.kafka_partition {
         Some(p) => Lane::Partition(&row.topic, p),
         None => Lane::Key(
@@ -129,6 +132,9 @@ fn next_round<'b>(
     round
 }
 
+/// Rows Kafka refused for good, by message id, with the error and its kind.
+pub(crate) type Refusals = HashMap<i64, (KafkaError, Refusal)>;
+
 /// What handling one row alone decided.
 enum Verdict {
     Acked,
@@ -140,22 +146,23 @@ impl Worker<'_> {
     /// Delivers `batch` (rows in id order): publishes it in rounds, retrying retriable
     /// failures in place with backoff, and applies the topic's policy to messages refused for
     /// good. `blocked` is the message that blocked this partition last time, if any: it is
-    /// tried alone first. Returns the acknowledged rows (to be retired by the caller) and how
-    /// it ended.
+    /// tried alone first. `refusals` holds rows Kafka already refused for good when they
+    /// were sent in flight (see `in_flight`): they are not sent through the shared producer
+    /// again. Returns the acknowledged rows (to be retired by the caller) and how it ended.
     pub(crate) async fn deliver<'b>(
         &mut self,
         batch: &'b [OutboxRow],
         blocked: Option<i64>,
+        mut refusals: Refusals,
     ) -> Result<(Vec<&'b OutboxRow>, Outcome)> {
         let mut pending: Vec<&OutboxRow> = batch.iter().collect();
         let mut acked = Vec::with_capacity(batch.len());
         let ctx = self.ctx;
         let mut backoff = Backoff::new(ctx.config.retry_initial(), ctx.config.retry_max());
         let mut attempts = 0u32;
-        // Rows refused for good in a round. Each is decided only once it is the first pending
-        // row of the batch, so that nothing of its entity (nor anything else) before it is
-        // still unacknowledged when a probe publishes it.
-        let mut refusals: HashMap<i64, (KafkaError, Refusal)> = HashMap::new();
+        // Rows refused for good in a round (`refusals`). Each is decided only once it is the
+        // first pending row of the batch, so that nothing of its entity (nor anything else)
+        // before it is still unacknowledged when a probe publishes it.
         while let Some(&first) = pending.first() {
             let mut retry: Option<(i64, KafkaError)> = None;
             let round = next_round(&pending, |row| {

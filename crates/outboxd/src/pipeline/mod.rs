@@ -6,6 +6,7 @@
 //! (`worker`).
 
 pub(crate) mod delivery;
+pub(crate) mod in_flight;
 pub mod reader;
 pub(crate) mod wakeup;
 pub(crate) mod worker;

@@ -26,6 +26,8 @@
 //! in flight merge into one. After a (re)start the first window is the whole partition, and
 //! should the poller stall the reader opens its own window from its last snapshot.
 
+use std::collections::HashSet;
+
 use tokio_postgres::{Client, Statement};
 
 use crate::error::{Error, Result};
@@ -113,6 +115,11 @@ pub struct PartitionReader {
     /// `settings.parked_epoch` as of the first read since the last reset (a read from the
     /// partition's start); see `fetch`.
     parked_epoch: Option<i64>,
+    /// Ids returned and not yet settled (see [`PartitionReader::settle`]): batches still on
+    /// their way to Kafka. A later window may start below them (a transaction that took a
+    /// smaller id committed after they were read), and they are still in the table until
+    /// retired, so a read skips them rather than send them twice, out of order.
+    unsettled: HashSet<i64>,
 }
 
 /// The column of a batch read that carries `settings.parked_epoch` (after the row columns).
@@ -122,6 +129,16 @@ const PARKED_EPOCH_COLUMN: usize = 10;
 /// walked in id order (at most this many index entries, dead or alive); above it, its late
 /// rows are looked up through the `(xid)` index first.
 const LATE_READ_MIN_GAP: i64 = 1000;
+
+/// One statement's rows, without those still in flight.
+struct Fetched {
+    rows: Vec<OutboxRow>,
+    /// How many rows the statement returned, skipped ones included (the window is exhausted
+    /// when fewer than a batch).
+    read: usize,
+    /// The last id the statement returned, skipped or not (where the window goes on).
+    last_read: Option<i64>,
+}
 
 /// The late part of a window: rows with ids in `(cursor, until]` that were committed after
 /// `previous` was taken.
@@ -155,6 +172,7 @@ impl PartitionReader {
             // Matches no real incarnation: nothing is accepted before the first `reset`.
             incarnation: Incarnation::new("none yet"),
             parked_epoch: None,
+            unsettled: HashSet::new(),
         }
     }
 
@@ -167,14 +185,36 @@ impl PartitionReader {
     /// batch was retired, and the database may have lost transaction ids) or after an entity
     /// was unparked: the next read is the whole partition again, through a session of
     /// `incarnation`.
+    /// Only when no batch is in flight: the rows of unsettled batches are read again.
     pub fn reset(&mut self, incarnation: Incarnation) {
         self.incarnation = incarnation;
+        self.unsettled.clear();
+        self.reread();
+    }
+
+    /// Reads the partition from its start again (an entity was unparked: the rows it left
+    /// behind below the cursor go out now), skipping the rows of batches still in flight:
+    /// those are acknowledged, or their failure sends them again through the worker.
+    pub fn reread(&mut self) {
         self.parked_epoch = None;
         self.previous = None;
         self.window = None;
         self.pending = None;
         self.high_water = None;
         self.late = None;
+    }
+
+    /// Marks rows returned earlier as done with: retired, moved aside, or held back with a
+    /// parked entity (which the reads leave out).
+    pub fn settle(&mut self, ids: impl IntoIterator<Item = i64>) {
+        for id in ids {
+            self.unsettled.remove(&id);
+        }
+    }
+
+    /// How many returned rows are not settled yet.
+    pub fn unsettled(&self) -> usize {
+        self.unsettled.len()
     }
 
     /// The incarnation of the database this reader's windows belong to.
@@ -208,8 +248,9 @@ impl PartitionReader {
     }
 
     /// The next batch in order, or an empty vector when there is nothing to read until the
-    /// poller hands over a window. `statements` are prepared on `client`. The caller must
-    /// retire (delete) a returned batch before calling this again.
+    /// poller hands over a window. `statements` are prepared on `client`. The rows of earlier
+    /// batches are skipped until they are settled (see [`PartitionReader::settle`]), so the
+    /// next batch can be read while the previous ones are on their way to Kafka.
     pub async fn next_batch(
         &mut self,
         client: &Client,
@@ -245,19 +286,19 @@ impl PartitionReader {
             else {
                 continue; // an entity was unparked: reread from the start
             };
-            match batch.last() {
-                Some(last) if batch.len() as i64 == self.batch_size => {
+            match batch.last_read {
+                Some(last) if batch.read as i64 == self.batch_size => {
                     self.window = Some(Window {
                         snapshot: window.snapshot,
-                        cursor: last.id,
+                        cursor: last,
                         incarnation: window.incarnation,
                     });
                 }
                 // Fewer rows than asked for: the window is exhausted.
                 _ => self.previous = Some(window.snapshot),
             }
-            if !batch.is_empty() {
-                return Ok(batch);
+            if !batch.rows.is_empty() {
+                return Ok(batch.rows);
             }
         }
     }
@@ -293,8 +334,8 @@ impl PartitionReader {
             return Ok(None);
         };
         self.late = None;
-        let cursor = match batch.last() {
-            Some(last) if batch.len() as i64 == self.batch_size => last.id,
+        let cursor = match batch.last_read {
+            Some(last) if batch.read as i64 == self.batch_size => last,
             _ => late.until,
         };
         self.window = Some(Window {
@@ -302,7 +343,7 @@ impl PartitionReader {
             cursor,
             incarnation: window.incarnation.clone(),
         });
-        Ok(Some(batch))
+        Ok(Some(batch.rows))
     }
 
     /// Runs one batch read and raises the high-water mark to its last id. `None` when the
@@ -319,7 +360,7 @@ impl PartitionReader {
         statement: &Statement,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
         what: &'static str,
-    ) -> Result<Option<Vec<OutboxRow>>> {
+    ) -> Result<Option<Fetched>> {
         let rows = client
             .query(statement, params)
             .await
@@ -330,7 +371,7 @@ impl PartitionReader {
                 .map_err(Error::pg(what))?;
             match (self.parked_epoch, epoch) {
                 (Some(seen), Some(now)) if seen != now => {
-                    self.reset(self.incarnation.clone());
+                    self.reread();
                     return Ok(None);
                 }
                 (None, now) => self.parked_epoch = now,
@@ -342,10 +383,20 @@ impl PartitionReader {
             .map(row_to_message)
             .collect::<std::result::Result<_, _>>()
             .map_err(Error::pg(what))?;
-        if let Some(last) = batch.last() {
-            self.high_water = Some(self.high_water.map_or(last.id, |h| h.max(last.id)));
+        let read = batch.len();
+        let last_read = batch.last().map(|r| r.id);
+        if let Some(last) = last_read {
+            self.high_water = Some(self.high_water.map_or(last, |h| h.max(last)));
         }
-        Ok(Some(batch))
+        let rows: Vec<OutboxRow> = batch
+            .into_iter()
+            .filter(|r| self.unsettled.insert(r.id))
+            .collect();
+        Ok(Some(Fetched {
+            rows,
+            read,
+            last_read,
+        }))
     }
 
     /// The next window to read: the whole partition after a (re)start, else a window handed

@@ -14,17 +14,18 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::pipeline::delivery::Outcome;
 use crate::error::{Error, Result};
 use crate::faults::Faults;
 use crate::health::{Health, PartitionState};
 use crate::metrics::PartitionMetrics;
 use crate::ownership::Ownership;
-use crate::publisher::Publisher;
-use crate::pipeline::reader::PartitionReader;
+use crate::pipeline::delivery::{ACK_WAIT_BEFORE_RETRYING, Outcome, Refusals};
+use crate::pipeline::in_flight::{Flight, InFlight};
+use crate::pipeline::reader::{OutboxRow, PartitionReader};
+use crate::pipeline::wakeup::{Mailbox, PollerPulse};
+use crate::publisher::{Publisher, Refusal, Sent, classify};
 use crate::sessions::{Checkout, SessionPool};
 use crate::sql::Statements;
-use crate::pipeline::wakeup::{Mailbox, PollerPulse};
 
 /// What every worker shares.
 pub struct WorkerContext {
@@ -341,23 +342,29 @@ impl Worker<'_> {
         let mut blocked: Option<i64> = None;
         // Held for reading; back in the pool while Kafka acknowledges and while caught up.
         let mut session = Some(first);
+        let mut flights = InFlight::new(self.ctx.config.batches_in_flight);
         loop {
             if self.stopping() {
+                self.retire_on_stop(&mut flights, reader).await;
                 return Exit::Stop;
             }
             self.ctx.faults.before_batch(self.partition);
-            // Between batches (the last one is retired or will be reread), so another
-            // instance can take over cleanly.
-            if !self.ctx.ownership.is_mine(self.partition) {
-                return Exit::Release;
-            }
             if !self.ctx.ownership.is_valid(self.partition, self.epoch) {
                 return Exit::Fenced("the lease was not renewed within its TTL");
             }
+            if !self.ctx.ownership.is_mine(self.partition) {
+                // Let the batches in flight come back and retire what Kafka acknowledged,
+                // so that the next owner starts where this one stopped.
+                drop(session.take());
+                return match self.drain(&mut flights, reader, &mut blocked).await {
+                    Ok(Step::Exit(exit)) => exit,
+                    Ok(_) => Exit::Release,
+                    Err(e) => Exit::Reconnect(e),
+                };
+            }
             let delivered = mailbox.take();
             if delivered.reset {
-                let incarnation = reader.incarnation().clone();
-                reader.reset(incarnation);
+                reader.reread();
             }
             if let Some(window) = delivered.window
                 && !reader.offer(window)
@@ -367,24 +374,58 @@ impl Worker<'_> {
                     "window from another incarnation of the database dropped (this worker rereads)"
                 );
             }
-            if !reader.has_work() {
-                // Caught up: the session goes back to the pool.
-                session = None;
-                self.metrics.oldest_age.set(0.0);
-                if !self.ctx.ownership.is_below_count(self.partition) {
-                    return Exit::Drained;
-                }
-                // Wait for the poller to hand over a window.
-                tokio::select! {
-                    _ = mailbox.wait() => {}
-                    _ = tokio::time::sleep(self.ctx.config.poll_interval()) => {
-                        if pulse.is_stale(stall) {
-                            reader.open_own_window();
-                        }
+            // Retire the batches Kafka has already acknowledged, oldest first.
+            match self.retire_acknowledged(&mut flights, reader).await {
+                Ok(Step::Exit(exit)) => return exit,
+                // (Retiring acknowledged batches never blocks.)
+                Ok(Step::Next | Step::Blocked) => {}
+                Err(e) => return Exit::Reconnect(e),
+            }
+            if !(reader.has_work() && flights.has_room()) {
+                // Nothing to read now: the session goes back to the pool.
+                drop(session.take());
+                if flights.is_empty() {
+                    // Caught up.
+                    self.metrics.oldest_age.set(0.0);
+                    if !self.ctx.ownership.is_below_count(self.partition) {
+                        return Exit::Drained;
                     }
-                    _ = self.stop.changed() => {}
+                    // Wait for the poller to hand over a window.
+                    tokio::select! {
+                        _ = mailbox.wait() => {}
+                        _ = tokio::time::sleep(self.ctx.config.poll_interval()) => {
+                            if pulse.is_stale(stall) {
+                                reader.open_own_window();
+                            }
+                        }
+                        _ = self.stop.changed() => {}
+                    }
+                    continue;
                 }
-                continue;
+                // Wait for the oldest batch's acknowledgements, or for a window to read
+                // while it is on its way.
+                let room = flights.has_room();
+                let report_at = slow_acks_report_at(&flights);
+                let woke = tokio::select! {
+                    done = flights.next_done() => done,
+                    _ = mailbox.wait(), if room => None,
+                    () = tokio::time::sleep_until(report_at) => {
+                        self.report_slow_acks(&flights);
+                        None
+                    }
+                    _ = self.stop.changed() => None,
+                };
+                let step = match woke {
+                    Some((flight, acks)) => {
+                        self.landed(flight, acks, &mut flights, reader, &mut blocked)
+                            .await
+                    }
+                    None => Ok(Step::Next),
+                };
+                match self.after(step, reader).await {
+                    Some(exit) => return exit,
+                    None => continue,
+                }
             }
             let s = match session.take() {
                 Some(s) => s,
@@ -396,12 +437,28 @@ impl Worker<'_> {
             };
             if s.incarnation != *reader.incarnation() {
                 // This session talks to another life of the database (it crashed or failed
-                // over since the reader's windows were taken): they mean nothing here.
+                // over since the reader's windows were taken): they mean nothing here. The
+                // batches in flight come back first, so that nothing is read twice while
+                // on its way.
+                drop(s);
+                let step = self.drain(&mut flights, reader, &mut blocked).await;
+                if let Some(exit) = self.after(step, reader).await {
+                    return exit;
+                }
                 tracing::info!(
                     partition = self.partition,
                     "the database restarted from a crash or failed over: the partition is reread from its start"
                 );
+                let Some(s) = (match self.checkout_or_stop().await {
+                    Some(Ok(s)) => Some(s),
+                    Some(Err(e)) => return Exit::Reconnect(e),
+                    None => None,
+                }) else {
+                    return Exit::Stop;
+                };
                 reader.reset(s.incarnation.clone());
+                session = Some(s);
+                continue;
             }
             let batch = match reader.next_batch(&s.client, &self.ctx.sql, &s.read).await {
                 Ok(b) => b,
@@ -415,33 +472,305 @@ impl Worker<'_> {
                 session = Some(s);
                 continue;
             }
-            // The session goes back to the pool while Kafka acknowledges the batch: with a
-            // pool smaller than the partitions, waiting for acknowledgements must not hold
-            // it.
+            let read_at = Instant::now();
+            tracing::debug!(
+                partition = self.partition,
+                messages = batch.len(),
+                first_id = batch[0].id,
+                "batch read"
+            );
+            self.metrics
+                .oldest_age
+                .set((now_epoch() - batch[0].created_at_epoch).max(0.0));
+            let publisher = &self.ctx.publisher;
+            if flights.admits(&batch, blocked, |row| publisher.known_to_exist(row)) {
+                let refs: Vec<&OutboxRow> = batch.iter().collect();
+                if let Ok(sending) = publisher.start(&refs, flights.producer()).await {
+                    drop(refs);
+                    let (producer, whole) = (sending.producer(), sending.fully_enqueued());
+                    flights.push(
+                        batch,
+                        read_at,
+                        producer,
+                        whole,
+                        Box::pin(publisher.finish(sending)),
+                    );
+                    // Keep the session while there is more to read at once.
+                    session = Some(s);
+                    continue;
+                }
+                // The producer was replaced since the batches in flight were sent: this
+                // batch waits until they came back.
+            }
+            // The batch cannot join the ones in flight: it goes alone, round by round,
+            // once they came back. The session goes back to the pool meanwhile.
             drop(s);
-            match self.deliver_and_retire(&batch, &mut blocked).await {
-                Ok(Step::Next) => {}
-                Ok(Step::Exit(exit)) => return exit,
-                Err(e) => return Exit::Reconnect(e),
-                Ok(Step::Blocked) => {
-                    // Reread from the database on the next try: an operator may have moved
-                    // the message aside (`outboxd skip`) or fixed its cause meanwhile.
-                    let incarnation = reader.incarnation().clone();
-                    reader.reset(incarnation);
-                    if self.sleep_or_stop(self.ctx.config.retry_max()).await {
-                        return Exit::Stop;
-                    }
+            let mut step = self.drain(&mut flights, reader, &mut blocked).await;
+            if matches!(step, Ok(Step::Next)) {
+                step = self
+                    .deliver_and_retire(batch, &mut blocked, Refusals::new(), read_at, reader)
+                    .await;
+            } else {
+                // The pipeline's own failure path decided (blocked, fenced, ...): this batch
+                // is read again.
+                reader.settle(batch.iter().map(|r| r.id));
+            }
+            if let Some(exit) = self.after(step, reader).await {
+                return exit;
+            }
+        }
+    }
+
+    /// Turns a step into the worker's next move: `None` to go on, or why the hold ends.
+    async fn after(&mut self, step: Result<Step>, reader: &mut PartitionReader) -> Option<Exit> {
+        match step {
+            Ok(Step::Next) => None,
+            Ok(Step::Exit(exit)) => Some(exit),
+            Err(e) => Some(Exit::Reconnect(e)),
+            Ok(Step::Blocked) => {
+                // Reread from the database on the next try: an operator may have moved the
+                // message aside (`outboxd skip`) or fixed its cause meanwhile.
+                let incarnation = reader.incarnation().clone();
+                reader.reset(incarnation);
+                if self.sleep_or_stop(self.ctx.config.retry_max()).await {
+                    return Some(Exit::Stop);
+                }
+                None
+            }
+        }
+    }
+
+    /// Shows the partition as retrying while the oldest batch in flight waits for its
+    /// acknowledgements (Kafka unreachable or slow; the producer keeps trying).
+    fn report_slow_acks(&self, flights: &InFlight<'_>) {
+        let Some((first, read_at)) = flights.oldest() else {
+            return;
+        };
+        let last = self
+            .ctx
+            .publisher
+            .events()
+            .last_error()
+            .map_or_else(String::new, |(_, e)| format!("; last client error: {e}"));
+        let error = format!(
+            "no acknowledgement from Kafka for {} s{last}",
+            read_at.elapsed().as_secs()
+        );
+        tracing::warn!(partition = self.partition, message_id = first.id, %error, "waiting for Kafka");
+        self.set_state(PartitionState::Retrying {
+            message_id: first.id,
+            error,
+        });
+    }
+
+    /// Waits until every batch in flight came back, retiring them in order (and delivering
+    /// what failed, round by round).
+    async fn drain(
+        &mut self,
+        flights: &mut InFlight<'_>,
+        reader: &mut PartitionReader,
+        blocked: &mut Option<i64>,
+    ) -> Result<Step> {
+        while let Some((flight, acks)) = flights.next_done().await {
+            match self.landed(flight, acks, flights, reader, blocked).await? {
+                Step::Next => {}
+                other => return Ok(other),
+            }
+        }
+        Ok(Step::Next)
+    }
+
+    /// On shutdown: waits for the batches in flight (the relay bounds the wait with
+    /// `shutdown_timeout_ms`) and retires what Kafka acknowledged, so that a restart does
+    /// not publish it again. What failed stays in the table for the next start.
+    async fn retire_on_stop(&mut self, flights: &mut InFlight<'_>, reader: &mut PartitionReader) {
+        while let Some((flight, acks)) = flights.next_done().await {
+            let acked: Vec<&OutboxRow> = flight
+                .rows
+                .iter()
+                .zip(&acks)
+                .filter(|(_, a)| matches!(a, Sent::Acked))
+                .map(|(r, _)| r)
+                .collect();
+            if acked.is_empty() {
+                continue;
+            }
+            match self.retire(&acked).await {
+                Ok(true) => reader.settle(acked.iter().map(|r| r.id)),
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::debug!(partition = self.partition, error = %e,
+                        "could not retire on shutdown; the batch is published again after a restart");
+                    return;
                 }
             }
         }
     }
 
-    /// Delivers one batch and retires what Kafka acknowledged, on a session of the pool; an
-    /// error means a session failed (it was closed; the caller claims again and rereads).
+    /// Retires the oldest batches in flight that Kafka has acknowledged whole, in one
+    /// statement.
+    async fn retire_acknowledged(
+        &mut self,
+        flights: &mut InFlight<'_>,
+        reader: &mut PartitionReader,
+    ) -> Result<Step> {
+        let mut landed = Vec::new();
+        while let Some((flight, _)) = flights.take_if_acked() {
+            landed.push(flight);
+        }
+        self.retire_flights(landed, reader).await
+    }
+
+    /// The oldest batch in flight came back with `acks`. Acknowledged whole, it is retired
+    /// (with the batches behind it that are also acknowledged). Otherwise every batch in
+    /// flight is waited for, what Kafka acknowledged is retired, and the rest, in read
+    /// order, is delivered round by round as one batch, with the refusals already known:
+    /// nothing of it is in flight any more, so retries in place and the topics' policies
+    /// act as they do for a batch sent alone.
+    async fn landed<'f>(
+        &mut self,
+        flight: Flight<'f>,
+        acks: Vec<Sent>,
+        flights: &mut InFlight<'f>,
+        reader: &mut PartitionReader,
+        blocked: &mut Option<i64>,
+    ) -> Result<Step> {
+        if acks.iter().all(|a| matches!(a, Sent::Acked)) {
+            let mut landed = vec![flight];
+            while let Some((next, _)) = flights.take_if_acked() {
+                landed.push(next);
+            }
+            return self.retire_flights(landed, reader).await;
+        }
+        let mut returned = vec![(flight, acks)];
+        while let Some(next) = flights.next_done().await {
+            returned.push(next);
+        }
+        let read_at = returned[0].0.read_at;
+        let mut acked = Vec::new();
+        let mut rest = Vec::new();
+        let mut refusals = Refusals::new();
+        for (flight, acks) in returned {
+            for (row, sent) in flight.rows.into_iter().zip(acks) {
+                match sent {
+                    Sent::Acked => acked.push(row),
+                    Sent::Failed(e) => {
+                        match classify(&e) {
+                            Refusal::Retriable => {
+                                self.metrics.retriable_errors.increment(1);
+                            }
+                            kind => {
+                                refusals.insert(row.id, (e, kind));
+                            }
+                        }
+                        rest.push(row);
+                    }
+                    Sent::NotSent => rest.push(row),
+                }
+            }
+        }
+        tracing::debug!(
+            partition = self.partition,
+            acknowledged = acked.len(),
+            failed = rest.len(),
+            "a batch in flight failed: the rest goes round by round"
+        );
+        // A refusal in a Kafka partition is fatal for the gap-less producer; the first worker
+        // to notice replaces it.
+        self.ctx.publisher.recover_if_fatal()?;
+        if !acked.is_empty() {
+            let refs: Vec<&OutboxRow> = acked.iter().collect();
+            if !self.retire(&refs).await? {
+                return Ok(self.fenced_at_retire());
+            }
+            reader.settle(acked.iter().map(|r| r.id));
+        }
+        self.deliver_and_retire(rest, blocked, refusals, read_at, reader)
+            .await
+    }
+
+    /// Retires batches Kafka acknowledged whole, in one statement.
+    async fn retire_flights(
+        &mut self,
+        landed: Vec<Flight<'_>>,
+        reader: &mut PartitionReader,
+    ) -> Result<Step> {
+        if landed.is_empty() {
+            return Ok(Step::Next);
+        }
+        let rows: Vec<&OutboxRow> = landed.iter().flat_map(|f| f.rows.iter()).collect();
+        if !self.retire(&rows).await? {
+            return Ok(self.fenced_at_retire());
+        }
+        reader.settle(rows.iter().map(|r| r.id));
+        for flight in &landed {
+            self.metrics.batches.increment(1);
+            self.metrics
+                .batch_duration
+                .record(flight.read_at.elapsed().as_secs_f64());
+            self.metrics.batch_size.record(flight.rows.len() as f64);
+        }
+        self.set_state(PartitionState::Relaying);
+        Ok(Step::Next)
+    }
+
+    fn fenced_at_retire(&self) -> Step {
+        self.ctx.ownership.fencing_rejection();
+        Step::Exit(Exit::Fenced(
+            "another instance took the lease over: the batch was not retired (its new owner publishes it again)",
+        ))
+    }
+
+    /// Deletes `rows`, which Kafka acknowledged, on a session of the pool, only while this
+    /// worker's lease holds; false when it was fenced (nothing deleted). An error means the
+    /// session failed (it was closed).
+    async fn retire(&self, rows: &[&OutboxRow]) -> Result<bool> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        self.ctx.faults.before_write(self.partition).await;
+        let s = self.ctx.sessions.checkout().await?;
+        let retired = s
+            .client
+            .query_one(
+                &s.delete_batch,
+                &[
+                    &self.partition,
+                    &ids,
+                    &self.ctx.ownership.instance(),
+                    &self.epoch,
+                ],
+            )
+            .await
+            .and_then(|row| row.try_get(0));
+        let held: bool = match retired {
+            Ok(held) => held,
+            Err(e) => {
+                s.discard();
+                return Err(Error::pg("retiring a published batch")(e));
+            }
+        };
+        if held {
+            self.ctx.publisher.note_acknowledged(rows.iter().copied());
+            let now = now_epoch();
+            for row in rows {
+                self.metrics
+                    .commit_to_ack
+                    .record((now - row.created_at_epoch).max(0.0));
+            }
+            self.metrics.published.increment(rows.len() as u64);
+        }
+        Ok(held)
+    }
+
+    /// Delivers `batch` alone, round by round (nothing else of this partition is in flight),
+    /// and retires what Kafka acknowledged, on a session of the pool; an error means a
+    /// session failed (it was closed; the caller claims again and rereads).
     async fn deliver_and_retire(
         &mut self,
-        batch: &[crate::pipeline::reader::OutboxRow],
+        batch: Vec<OutboxRow>,
         blocked: &mut Option<i64>,
+        refusals: Refusals,
+        read_at: Instant,
+        reader: &mut PartitionReader,
     ) -> Result<Step> {
         let Some(first) = batch.first() else {
             return Ok(Step::Next);
@@ -450,58 +779,22 @@ impl Worker<'_> {
             partition = self.partition,
             messages = batch.len(),
             first_id = first.id,
-            "batch read"
+            "batch delivered round by round"
         );
-        let started = Instant::now();
-        self.metrics
-            .oldest_age
-            .set((now_epoch() - first.created_at_epoch).max(0.0));
-        let (acked, outcome) = self.deliver(batch, *blocked).await?;
-        if !acked.is_empty() {
-            let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
-            self.ctx.faults.before_write(self.partition).await;
-            let s = self.ctx.sessions.checkout().await?;
-            let retired = s
-                .client
-                .query_one(
-                    &s.delete_batch,
-                    &[
-                        &self.partition,
-                        &ids,
-                        &self.ctx.ownership.instance(),
-                        &self.epoch,
-                    ],
-                )
-                .await
-                .and_then(|row| row.try_get(0));
-            let held: bool = match retired {
-                Ok(held) => held,
-                Err(e) => {
-                    s.discard();
-                    return Err(Error::pg("retiring a published batch")(e));
-                }
-            };
-            if !held {
-                self.ctx.ownership.fencing_rejection();
-                return Ok(Step::Exit(Exit::Fenced(
-                    "another instance took the lease over: the batch was not retired (its new owner publishes it again)",
-                )));
-            }
-            let now = now_epoch();
-            for row in &acked {
-                self.metrics
-                    .commit_to_ack
-                    .record((now - row.created_at_epoch).max(0.0));
-            }
-            self.metrics.published.increment(acked.len() as u64);
+        let (acked, outcome) = self.deliver(&batch, *blocked, refusals).await?;
+        if !acked.is_empty() && !self.retire(&acked).await? {
+            return Ok(self.fenced_at_retire());
         }
         match outcome {
             Outcome::Done => {
+                // Acknowledged, moved aside, or held back with a parked entity (which reads
+                // leave out).
+                reader.settle(batch.iter().map(|r| r.id));
                 *blocked = None;
                 self.metrics.batches.increment(1);
                 self.metrics
                     .batch_duration
-                    .record(started.elapsed().as_secs_f64());
+                    .record(read_at.elapsed().as_secs_f64());
                 self.metrics.batch_size.record(batch.len() as f64);
                 self.set_state(PartitionState::Relaying);
                 Ok(Step::Next)
@@ -519,6 +812,18 @@ impl Worker<'_> {
             }
         }
     }
+}
+
+/// When to show the partition as retrying next: each time the oldest batch in flight has
+/// waited another `ACK_WAIT_BEFORE_RETRYING` for its acknowledgements.
+fn slow_acks_report_at(flights: &InFlight<'_>) -> tokio::time::Instant {
+    let Some((_, read_at)) = flights.oldest() else {
+        // Nothing in flight: far away (the other branches wake the worker).
+        return tokio::time::Instant::now() + Duration::from_secs(3600);
+    };
+    let periods = read_at.elapsed().as_secs() / ACK_WAIT_BEFORE_RETRYING.as_secs() + 1;
+    let due = ACK_WAIT_BEFORE_RETRYING * u32::try_from(periods).unwrap_or(u32::MAX);
+    tokio::time::Instant::from_std(read_at + due)
 }
 
 fn now_epoch() -> f64 {

@@ -16,6 +16,7 @@ mod mappings;
 mod metrics;
 mod operator;
 mod outages;
+mod pipeline;
 mod policies;
 mod process;
 mod proxy;

@@ -1,0 +1,145 @@
+//! Pipelined batches against the real broker: with one message per batch and eight batches
+//! in flight, a message Kafka refuses for good while the batches behind it are already on
+//! their way never lets a later message of its entity through, neither in the same lane
+//! (the idempotent producer fails everything behind it) nor in another lane (such a batch
+//! does not join the ones in flight), and the policies act as for a batch sent alone.
+
+use std::time::Duration;
+
+use outboxd::ErrorPolicy;
+use outboxd::health::PartitionState;
+use rand::Rng;
+
+use crate::support::{RunningRelay, Setup, wait_until, write_messages};
+
+/// What a consumer de-duplicating by payload sees of `entity` on `topic`, in order.
+fn seen(topic: &str, entity: &str) -> Vec<String> {
+    let size = outbox_testkit::topic_size(topic);
+    let mut out: Vec<String> = Vec::new();
+    for m in outbox_testkit::consume(topic, size, Duration::from_secs(30)) {
+        let p = String::from_utf8_lossy(m.payload.as_deref().unwrap_or_default()).into_owned();
+        if m.header("outbox-entity-key").as_deref() == Some(entity) && !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+struct Scenario {
+    setup: Setup,
+    relay: RunningRelay,
+    /// Refuses record batches above 20,000 bytes.
+    small: String,
+    other: String,
+    a2: i64,
+}
+
+/// One virtual partition, one message per batch, eight batches in flight. Both topics have
+/// had a message acknowledged (so batches for them may join others in flight). Then, in one
+/// transaction (one window): A1 (small), A2 (50 KB of random bytes to `small`: the broker
+/// refuses it), A3 (small), A4 (`other`: another lane), C1 and C2 (`other`).
+async fn scenario(policy: ErrorPolicy) -> Scenario {
+    let setup = Setup::new(1).await;
+    let small =
+        outbox_testkit::create_topic_with("pipe-small", 1, &[("max.message.bytes", "20000")]).await;
+    let other = outbox_testkit::create_topic("pipe-other", 1).await;
+    let mut config = setup.relay_config();
+    config.batch_size = 1;
+    config.batches_in_flight = 8;
+    config.retry_max_ms = 300;
+    config
+        .topics
+        .insert(small.clone(), outboxd::TopicConfig { on_error: policy });
+    write_messages(&setup.outbox, &small, &[("W".into(), b"w1".to_vec())]).await;
+    write_messages(&setup.outbox, &other, &[("W".into(), b"w2".to_vec())]).await;
+    let relay = RunningRelay::start(config);
+    setup.wait_drained("the warm-up messages published").await;
+    let big: Vec<u8> = (0..50_000).map(|_| rand::rng().random()).collect();
+    let msg = |topic: &str, entity: &str, body: Vec<u8>| {
+        outbox::Message::builder(topic, entity)
+            .payload(body)
+            .build()
+            .expect("valid")
+    };
+    let batch = [
+        msg(&small, "A", b"a1".to_vec()),
+        msg(&small, "A", big),
+        msg(&small, "A", b"a3".to_vec()),
+        msg(&other, "A", b"a4".to_vec()),
+        msg(&other, "C", b"c1".to_vec()),
+        msg(&other, "C", b"c2".to_vec()),
+    ];
+    let mut client = outbox_testkit::connect().await;
+    let tx = client.transaction().await.expect("begin");
+    let ids = setup
+        .outbox
+        .save_all_in_tx(&tx, &batch)
+        .await
+        .expect("save");
+    tx.commit().await.expect("commit");
+    Scenario {
+        setup,
+        relay,
+        small,
+        other,
+        a2: ids[1],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_flight_blocks_the_entity_in_every_lane() {
+    let s = scenario(ErrorPolicy::Block).await;
+    wait_until(Duration::from_secs(60), "blocked at A2", || {
+        let state = s.relay.state(0);
+        async move {
+            matches!(state, Some(PartitionState::Blocked { message_id, .. }) if message_id == s.a2)
+        }
+    })
+    .await;
+    // Long enough for anything sent behind A2 to have been acknowledged.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(seen(&s.small, "A"), vec!["a1"], "A3 must not overtake A2");
+    assert!(
+        seen(&s.other, "A").is_empty(),
+        "A4 (another lane) must not overtake A2"
+    );
+    // The operator moves A2 aside: the rest follows, in order.
+    let sql = outboxd::sql::Statements::new(&s.setup.schema);
+    s.setup
+        .client
+        .query(&sql.skip_message, &[&s.a2, &"too large"])
+        .await
+        .expect("skip");
+    s.setup.wait_drained("the rest published").await;
+    assert_eq!(seen(&s.small, "A"), vec!["a1", "a3"]);
+    assert_eq!(seen(&s.other, "A"), vec!["a4"]);
+    assert_eq!(seen(&s.other, "C"), vec!["c1", "c2"]);
+    s.relay.stop().await;
+    s.setup.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_flight_is_dead_lettered_and_the_rest_goes_on_in_order() {
+    let s = scenario(ErrorPolicy::DeadLetter).await;
+    s.setup
+        .wait_drained("everything published or dead-lettered")
+        .await;
+    assert_eq!(seen(&s.small, "A"), vec!["a1", "a3"]);
+    assert_eq!(seen(&s.other, "A"), vec!["a4"]);
+    assert_eq!(seen(&s.other, "C"), vec!["c1", "c2"]);
+    let dead: Vec<i64> = s
+        .setup
+        .client
+        .query(
+            &format!("SELECT id FROM {}.dead_letter", s.setup.schema.name()),
+            &[],
+        )
+        .await
+        .expect("dead letters")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(dead, vec![s.a2]);
+    s.relay.stop().await;
+    s.setup.cleanup().await;
+}
