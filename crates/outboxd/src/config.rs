@@ -50,6 +50,12 @@ pub struct Config {
     /// batch is read and sent while the earlier ones await their acknowledgements, which
     /// come back, and are retired, in order. 1 sends one batch at a time. Default: 4.
     pub batches_in_flight: usize,
+    /// How long messages Kafka acknowledged may wait before they are deleted from the
+    /// outbox table, in ms: a partition deletes what was acknowledged meanwhile in one
+    /// statement (at once when a batch's worth is waiting). Publishing does not wait for
+    /// it; after a crash, what was acknowledged but not yet deleted is published again (at
+    /// least once). 0 deletes each batch as soon as it is acknowledged. Default: 100.
+    pub retire_interval_ms: u64,
     /// Longest wait before an idle partition is read again even without a wake-up, in ms
     /// (the safety net should the wake-up poller fail). Default: 250.
     pub poll_interval_ms: u64,
@@ -107,6 +113,7 @@ impl std::fmt::Debug for Config {
             .field("schema", &m.schema)
             .field("batch_size", &m.batch_size)
             .field("batches_in_flight", &m.batches_in_flight)
+            .field("retire_interval_ms", &m.retire_interval_ms)
             .field("poll_interval_ms", &m.poll_interval_ms)
             .field("wakeup_interval_ms", &m.wakeup_interval_ms)
             .field("retry_initial_ms", &m.retry_initial_ms)
@@ -188,6 +195,7 @@ impl Default for Config {
             schema: "outbox".to_owned(),
             batch_size: 1000,
             batches_in_flight: 4,
+            retire_interval_ms: 100,
             poll_interval_ms: 250,
             wakeup_interval_ms: 5,
             retry_initial_ms: 100,
@@ -318,6 +326,12 @@ impl Config {
             problems.push(format!(
                 "batches_in_flight must be 1..=64, got {}",
                 self.batches_in_flight
+            ));
+        }
+        if self.retire_interval_ms > 60_000 {
+            problems.push(format!(
+                "retire_interval_ms must be 0..=60000, got {}",
+                self.retire_interval_ms
             ));
         }
         if !(1..=100_000).contains(&self.batch_size) {
@@ -459,6 +473,10 @@ impl Config {
     pub(crate) fn retry_initial(&self) -> Duration {
         Duration::from_millis(self.retry_initial_ms)
     }
+    pub(crate) fn retire_interval(&self) -> Duration {
+        Duration::from_millis(self.retire_interval_ms)
+    }
+
     pub(crate) fn retry_max(&self) -> Duration {
         Duration::from_millis(self.retry_max_ms)
     }

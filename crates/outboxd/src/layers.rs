@@ -65,6 +65,10 @@ pub struct SettingFlags {
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batches_in_flight: Option<usize>,
+    /// Longest wait before acknowledged messages are deleted, in ms.
+    #[arg(long, global = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retire_interval_ms: Option<u64>,
     /// Longest wait before an idle partition is read again without a wake-up, in ms.
     #[arg(long, global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]

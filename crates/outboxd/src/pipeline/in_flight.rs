@@ -21,7 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 
@@ -80,6 +80,10 @@ pub(crate) struct InFlight<'a> {
     /// empty again.
     closed: bool,
     depth: usize,
+    /// Ids Kafka acknowledged that are not deleted yet (retired together, see
+    /// `retire_interval_ms`), and since when the oldest of them waits.
+    acked: Vec<i64>,
+    acked_since: Option<Instant>,
 }
 
 impl<'a> InFlight<'a> {
@@ -91,7 +95,34 @@ impl<'a> InFlight<'a> {
             producer: None,
             closed: false,
             depth: depth.max(1),
+            acked: Vec::new(),
+            acked_since: None,
         }
+    }
+
+    /// Holds acknowledged ids until they are retired together.
+    pub(crate) fn hold_acked(&mut self, ids: impl IntoIterator<Item = i64>) {
+        let before = self.acked.len();
+        self.acked.extend(ids);
+        if before == 0 && !self.acked.is_empty() {
+            self.acked_since = Some(Instant::now());
+        }
+    }
+
+    /// When the acknowledged ids held must be retired: once the oldest has waited
+    /// `interval`, or at once when `max` of them are held. `None` when none are held.
+    pub(crate) fn retire_due_at(&self, interval: Duration, max: usize) -> Option<Instant> {
+        let since = self.acked_since?;
+        if self.acked.len() >= max {
+            return Some(since);
+        }
+        Some(since + interval)
+    }
+
+    /// Takes the acknowledged ids held, to retire them.
+    pub(crate) fn take_acked(&mut self) -> Vec<i64> {
+        self.acked_since = None;
+        std::mem::take(&mut self.acked)
     }
 
     /// True when no batch is in flight.
@@ -335,6 +366,20 @@ mod tests {
         let _ = q.next_done().await;
         let _ = q.next_done().await;
         assert!(q.is_empty() && q.has_room());
+    }
+
+    #[test]
+    fn acknowledged_ids_are_retired_after_the_interval_or_when_many() {
+        let mut q = InFlight::new(4);
+        let interval = Duration::from_millis(100);
+        assert_eq!(q.retire_due_at(interval, 3), None);
+        q.hold_acked([1, 2]);
+        let due = q.retire_due_at(interval, 3).expect("held");
+        assert!(due > Instant::now() && due <= Instant::now() + interval);
+        q.hold_acked([3]);
+        assert!(q.retire_due_at(interval, 3).expect("held") <= Instant::now());
+        assert_eq!(q.take_acked(), vec![1, 2, 3]);
+        assert_eq!(q.retire_due_at(interval, 3), None);
     }
 
     #[tokio::test]

@@ -381,6 +381,7 @@ impl Worker<'_> {
                 Ok(Step::Next | Step::Blocked) => {}
                 Err(e) => return Exit::Reconnect(e),
             }
+            let retire_at = self.retire_due_at(&flights);
             if !(reader.has_work() && flights.has_room()) {
                 // Nothing to read now: the session goes back to the pool.
                 drop(session.take());
@@ -388,11 +389,18 @@ impl Worker<'_> {
                     // Caught up.
                     self.metrics.oldest_age.set(0.0);
                     if !self.ctx.ownership.is_below_count(self.partition) {
-                        return Exit::Drained;
+                        // Delete what was acknowledged before letting go, or the next
+                        // owner would find it and publish it again.
+                        return match self.retire_held(&mut flights, reader).await {
+                            Ok(Step::Exit(exit)) => exit,
+                            Ok(_) => Exit::Drained,
+                            Err(e) => Exit::Reconnect(e),
+                        };
                     }
                     // Wait for the poller to hand over a window.
                     tokio::select! {
                         _ = mailbox.wait() => {}
+                        () = tokio::time::sleep_until(retire_at) => {}
                         _ = tokio::time::sleep(self.ctx.config.poll_interval()) => {
                             if pulse.is_stale(stall) {
                                 reader.open_own_window();
@@ -409,6 +417,7 @@ impl Worker<'_> {
                 let woke = tokio::select! {
                     done = flights.next_done() => done,
                     _ = mailbox.wait(), if room => None,
+                    () = tokio::time::sleep_until(retire_at) => None,
                     () = tokio::time::sleep_until(report_at) => {
                         self.report_slow_acks(&flights);
                         None
@@ -577,13 +586,18 @@ impl Worker<'_> {
                 other => return Ok(other),
             }
         }
-        Ok(Step::Next)
+        self.retire_held(flights, reader).await
     }
 
     /// On shutdown: waits for the batches in flight (the relay bounds the wait with
     /// `shutdown_timeout_ms`) and retires what Kafka acknowledged, so that a restart does
     /// not publish it again. What failed stays in the table for the next start.
     async fn retire_on_stop(&mut self, flights: &mut InFlight<'_>, reader: &mut PartitionReader) {
+        if let Err(e) = self.retire_held(flights, reader).await {
+            tracing::debug!(partition = self.partition, error = %e,
+                "could not retire on shutdown; the batch is published again after a restart");
+            return;
+        }
         while let Some((flight, acks)) = flights.next_done().await {
             let acked: Vec<&OutboxRow> = flight
                 .rows
@@ -595,7 +609,7 @@ impl Worker<'_> {
             if acked.is_empty() {
                 continue;
             }
-            match self.retire(&acked).await {
+            match self.retire_now(&acked).await {
                 Ok(true) => reader.settle(acked.iter().map(|r| r.id)),
                 Ok(false) => return,
                 Err(e) => {
@@ -618,7 +632,35 @@ impl Worker<'_> {
         while let Some((flight, _)) = flights.take_if_acked() {
             landed.push(flight);
         }
-        self.retire_flights(landed, reader).await
+        self.retire_flights(landed, flights, reader).await
+    }
+
+    /// When the acknowledged messages held must be deleted (far away when none are held).
+    fn retire_due_at(&self, flights: &InFlight<'_>) -> tokio::time::Instant {
+        let config = &self.ctx.config;
+        flights
+            .retire_due_at(config.retire_interval(), config.batch_size)
+            .map_or_else(
+                || tokio::time::Instant::now() + Duration::from_secs(3600),
+                tokio::time::Instant::from_std,
+            )
+    }
+
+    /// Deletes the acknowledged messages held, in one statement.
+    async fn retire_held(
+        &mut self,
+        flights: &mut InFlight<'_>,
+        reader: &mut PartitionReader,
+    ) -> Result<Step> {
+        let ids = flights.take_acked();
+        if ids.is_empty() {
+            return Ok(Step::Next);
+        }
+        if !self.retire_ids(&ids).await? {
+            return Ok(self.fenced_at_retire());
+        }
+        reader.settle(ids);
+        Ok(Step::Next)
     }
 
     /// The oldest batch in flight came back with `acks`. Acknowledged whole, it is retired
@@ -640,7 +682,7 @@ impl Worker<'_> {
             while let Some((next, _)) = flights.take_if_acked() {
                 landed.push(next);
             }
-            return self.retire_flights(landed, reader).await;
+            return self.retire_flights(landed, flights, reader).await;
         }
         let mut returned = vec![(flight, acks)];
         while let Some(next) = flights.next_done().await {
@@ -678,9 +720,12 @@ impl Worker<'_> {
         // A refusal in a Kafka partition is fatal for the gap-less producer; the first worker
         // to notice replaces it.
         self.ctx.publisher.recover_if_fatal()?;
+        if let Step::Exit(exit) = self.retire_held(flights, reader).await? {
+            return Ok(Step::Exit(exit));
+        }
         if !acked.is_empty() {
             let refs: Vec<&OutboxRow> = acked.iter().collect();
-            if !self.retire(&refs).await? {
+            if !self.retire_now(&refs).await? {
                 return Ok(self.fenced_at_retire());
             }
             reader.settle(acked.iter().map(|r| r.id));
@@ -693,24 +738,25 @@ impl Worker<'_> {
     async fn retire_flights(
         &mut self,
         landed: Vec<Flight<'_>>,
+        flights: &mut InFlight<'_>,
         reader: &mut PartitionReader,
     ) -> Result<Step> {
-        if landed.is_empty() {
-            return Ok(Step::Next);
+        if !landed.is_empty() {
+            let rows: Vec<&OutboxRow> = landed.iter().flat_map(|f| f.rows.iter()).collect();
+            self.acknowledged(&rows);
+            flights.hold_acked(rows.iter().map(|r| r.id));
+            for flight in &landed {
+                self.metrics.batches.increment(1);
+                self.metrics
+                    .batch_duration
+                    .record(flight.read_at.elapsed().as_secs_f64());
+                self.metrics.batch_size.record(flight.rows.len() as f64);
+            }
+            self.set_state(PartitionState::Relaying);
         }
-        let rows: Vec<&OutboxRow> = landed.iter().flat_map(|f| f.rows.iter()).collect();
-        if !self.retire(&rows).await? {
-            return Ok(self.fenced_at_retire());
+        if self.retire_due_at(flights) <= tokio::time::Instant::now() {
+            return self.retire_held(flights, reader).await;
         }
-        reader.settle(rows.iter().map(|r| r.id));
-        for flight in &landed {
-            self.metrics.batches.increment(1);
-            self.metrics
-                .batch_duration
-                .record(flight.read_at.elapsed().as_secs_f64());
-            self.metrics.batch_size.record(flight.rows.len() as f64);
-        }
-        self.set_state(PartitionState::Relaying);
         Ok(Step::Next)
     }
 
@@ -721,11 +767,23 @@ impl Worker<'_> {
         ))
     }
 
-    /// Deletes `rows`, which Kafka acknowledged, on a session of the pool, only while this
+    /// Counts `rows` as published (Kafka acknowledged them) and notes that their topics
+    /// exist.
+    fn acknowledged(&self, rows: &[&OutboxRow]) {
+        self.ctx.publisher.note_acknowledged(rows.iter().copied());
+        let now = now_epoch();
+        for row in rows {
+            self.metrics
+                .commit_to_ack
+                .record((now - row.created_at_epoch).max(0.0));
+        }
+        self.metrics.published.increment(rows.len() as u64);
+    }
+
+    /// Deletes messages Kafka acknowledged, on a session of the pool, only while this
     /// worker's lease holds; false when it was fenced (nothing deleted). An error means the
     /// session failed (it was closed).
-    async fn retire(&self, rows: &[&OutboxRow]) -> Result<bool> {
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    async fn retire_ids(&self, ids: &[i64]) -> Result<bool> {
         self.ctx.faults.before_write(self.partition).await;
         let s = self.ctx.sessions.checkout().await?;
         let retired = s
@@ -741,22 +799,21 @@ impl Worker<'_> {
             )
             .await
             .and_then(|row| row.try_get(0));
-        let held: bool = match retired {
-            Ok(held) => held,
+        match retired {
+            Ok(held) => Ok(held),
             Err(e) => {
                 s.discard();
-                return Err(Error::pg("retiring a published batch")(e));
+                Err(Error::pg("retiring a published batch")(e))
             }
-        };
+        }
+    }
+
+    /// Counts `rows` as published and deletes them at once (see `retire_ids`).
+    async fn retire_now(&self, rows: &[&OutboxRow]) -> Result<bool> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let held = self.retire_ids(&ids).await?;
         if held {
-            self.ctx.publisher.note_acknowledged(rows.iter().copied());
-            let now = now_epoch();
-            for row in rows {
-                self.metrics
-                    .commit_to_ack
-                    .record((now - row.created_at_epoch).max(0.0));
-            }
-            self.metrics.published.increment(rows.len() as u64);
+            self.acknowledged(rows);
         }
         Ok(held)
     }
@@ -782,7 +839,7 @@ impl Worker<'_> {
             "batch delivered round by round"
         );
         let (acked, outcome) = self.deliver(&batch, *blocked, refusals).await?;
-        if !acked.is_empty() && !self.retire(&acked).await? {
+        if !acked.is_empty() && !self.retire_now(&acked).await? {
             return Ok(self.fenced_at_retire());
         }
         match outcome {
