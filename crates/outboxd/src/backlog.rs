@@ -9,11 +9,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use crate::ownership::Ownership;
 use crate::periodic::Periodic;
 use crate::sessions::SessionPool;
+use crate::shutdown::Shutdown;
 use crate::sql::Statements;
 
 /// How often the gauges are refreshed.
@@ -29,9 +28,9 @@ pub async fn run(
     sql: Statements,
     ownership: Arc<Ownership>,
     schema: String,
-    stop: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
-    let mut periodic = Periodic::new(INTERVAL, stop);
+    let mut periodic = Periodic::new(INTERVAL, shutdown);
     let mut reported: BTreeSet<i32> = BTreeSet::new();
     let dead_letters = metrics::gauge!("outbox_relay_dead_letters", "schema" => schema.clone());
     let parked = metrics::gauge!("outbox_relay_parked_entities", "schema" => schema.clone());

@@ -19,10 +19,10 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::health::Health;
+use crate::shutdown::Shutdown;
 
 /// Renders the metrics text on request.
 pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
@@ -39,7 +39,7 @@ pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     render: RenderMetrics,
-    mut stop: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await.map_err(|e| Error::Io {
         context: "binding http_listen",
@@ -61,7 +61,7 @@ pub async fn serve(
         });
     let task = tokio::spawn(async move {
         let stopped = async move {
-            let _ = stop.wait_for(|s| *s).await;
+            shutdown.requested().await;
         };
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(stopped)

@@ -11,18 +11,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 use crate::health::Health;
 use crate::periodic::Periodic;
 use crate::publisher::Publisher;
+use crate::shutdown::Shutdown;
 
 /// How often the state is mirrored and, while unreachable, the cluster asked.
 const INTERVAL: Duration = Duration::from_secs(2);
 
 /// Runs until `stop` turns true.
-pub async fn run(publisher: Arc<Publisher>, health: Arc<Health>, stop: watch::Receiver<bool>) {
-    let mut periodic = Periodic::new(INTERVAL, stop);
+pub async fn run(publisher: Arc<Publisher>, health: Arc<Health>, shutdown: Shutdown) {
+    let mut periodic = Periodic::new(INTERVAL, shutdown);
     let queue = metrics::gauge!("outbox_relay_producer_queue_messages");
     while periodic.tick().await {
         queue.set(f64::from(publisher.queue_depth()));

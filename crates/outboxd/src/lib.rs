@@ -43,6 +43,7 @@ pub mod relay;
 pub mod secrets;
 pub mod session;
 mod sessions;
+pub mod shutdown;
 pub mod sql;
 mod startup;
 pub mod status;

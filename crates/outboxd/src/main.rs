@@ -260,7 +260,7 @@ async fn execute(cli: Cli) -> Result<(), Error> {
 async fn run(config: Config) -> Result<(), Error> {
     let listen = config.http_listen.clone();
     let relay = outboxd::Relay::new(config)?;
-    let (stop_http, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_http = outboxd::shutdown::Shutdown::new();
     if !listen.is_empty() {
         let handle = outboxd::metrics::prometheus_builder()
             .and_then(|b| b.install_recorder())
@@ -271,11 +271,12 @@ async fn run(config: Config) -> Result<(), Error> {
             .parse()
             .map_err(|_| Error::Config(vec![format!("http_listen {listen:?} is not host:port")]))?;
         let render: outboxd::http::RenderMetrics = std::sync::Arc::new(move || handle.render());
-        let (bound, _task) = outboxd::http::serve(addr, relay.health(), render, stop_rx).await?;
+        let (bound, _task) =
+            outboxd::http::serve(addr, relay.health(), render, stop_http.clone()).await?;
         tracing::info!(%bound, "serving /healthz, /readyz, /health and /metrics");
     }
     let result = relay.run(shutdown_signal()).await;
-    stop_http.send_replace(true);
+    stop_http.request();
     result
 }
 

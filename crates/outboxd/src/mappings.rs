@@ -17,13 +17,13 @@
 
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::periodic::Periodic;
 use crate::session::connect;
+use crate::shutdown::Shutdown;
 use crate::sql::Statements;
 
 /// Mappings locked and checked per transaction.
@@ -106,12 +106,12 @@ pub async fn run_cleanup(
     interval: Duration,
     ttl: Duration,
     retry: (Duration, Duration),
-    stop: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     let mut cleanup = MappingCleanup::new(sql, ttl);
     let mut client: Option<Client> = None;
     let mut backoff = Backoff::new(retry.0, retry.1);
-    let mut periodic = Periodic::new(interval, stop);
+    let mut periodic = Periodic::new(interval, shutdown);
     while periodic.tick().await {
         if client.as_ref().is_none_or(Client::is_closed) {
             // Default planner settings: the check for waiting messages is an anti-join the
@@ -120,7 +120,7 @@ pub async fn run_cleanup(
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "mapping cleanup cannot connect; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    periodic.shutdown().sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
@@ -135,7 +135,7 @@ pub async fn run_cleanup(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "mapping cleanup failed; retrying next interval");
-                tokio::time::sleep(backoff.next_delay()).await;
+                periodic.shutdown().sleep(backoff.next_delay()).await;
             }
         }
     }

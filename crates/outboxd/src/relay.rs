@@ -10,8 +10,6 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::watch;
-
 use crate::config::Config;
 use crate::error::Result;
 use crate::faults::Faults;
@@ -20,6 +18,7 @@ use crate::ownership::Ownership;
 use crate::pipeline::wakeup::{Mailbox, Poller, PollerPulse, Served};
 use crate::pipeline::worker::{WorkerContext, run_worker};
 use crate::publisher::Publisher;
+use crate::shutdown::Shutdown;
 use crate::startup::{Started, start_up};
 use crate::supervisor::{Starter, Supervisor, Task, TaskFuture};
 
@@ -98,7 +97,7 @@ async fn run_relay(
     let shutdown_timeout = config.shutdown_timeout();
     let retry = (config.retry_initial(), config.retry_max());
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopping = Shutdown::new();
     // A mailbox for every partition there can be, so the poller can hand a window to a
     // partition whose worker starts only then (see `Poller::run`).
     let mailboxes: Vec<Arc<Mailbox>> = (0..MAX_PARTITIONS).map(|_| Arc::default()).collect();
@@ -123,9 +122,9 @@ async fn run_relay(
         faults,
     });
     let starter: Starter = {
-        let (ctx, stop_rx, mailboxes, pulse) = (
+        let (ctx, stopping, mailboxes, pulse) = (
             Arc::clone(&ctx),
-            stop_rx.clone(),
+            stopping.clone(),
             mailboxes.clone(),
             Arc::clone(&pulse),
         );
@@ -154,7 +153,7 @@ async fn run_relay(
                             pulse: Arc::clone(&pulse),
                             start,
                         }
-                        .run(stop_rx.clone()),
+                        .run(stopping.clone()),
                     )
                 }
                 Task::Leases => Box::pin(crate::ownership::leases::run(
@@ -163,19 +162,19 @@ async fn run_relay(
                     Arc::clone(&ctx.ownership),
                     Arc::clone(&ctx.health),
                     ctx.config.shutdown_timeout(),
-                    stop_rx.clone(),
+                    stopping.clone(),
                 )),
                 Task::KafkaWatch => Box::pin(crate::kafka_watch::run(
                     Arc::clone(&ctx.publisher),
                     Arc::clone(&ctx.health),
-                    stop_rx.clone(),
+                    stopping.clone(),
                 )),
                 Task::Backlog => Box::pin(crate::backlog::run(
                     Arc::clone(&ctx.sessions),
                     ctx.sql.clone(),
                     Arc::clone(&ctx.ownership),
                     ctx.config.schema.clone(),
-                    stop_rx.clone(),
+                    stopping.clone(),
                 )),
                 Task::MappingCleanup => Box::pin(crate::mappings::run_cleanup(
                     ctx.database.clone(),
@@ -183,7 +182,7 @@ async fn run_relay(
                     std::time::Duration::from_millis(ctx.config.mapping_cleanup_interval_ms),
                     std::time::Duration::from_secs(ctx.config.mapping_ttl_s),
                     (ctx.config.retry_initial(), ctx.config.retry_max()),
-                    stop_rx.clone(),
+                    stopping.clone(),
                 )),
                 Task::Worker(partition) => {
                     let mailbox = usize::try_from(partition)
@@ -194,7 +193,7 @@ async fn run_relay(
                     Box::pin(run_worker(
                         partition,
                         Arc::clone(&ctx),
-                        stop_rx.clone(),
+                        stopping.clone(),
                         mailbox,
                         Arc::clone(&pulse),
                     ))
@@ -202,7 +201,7 @@ async fn run_relay(
             }
         })
     };
-    let mut supervisor = Supervisor::new(starter, retry, Arc::clone(&health), stop_rx.clone());
+    let mut supervisor = Supervisor::new(starter, retry, Arc::clone(&health), stopping.clone());
     supervisor.spawn(Task::Leases);
     supervisor.spawn(Task::Poller);
     supervisor.spawn(Task::KafkaWatch);
@@ -246,7 +245,7 @@ async fn run_relay(
         }
     }
     tracing::info!("shutting down: finishing in-flight batches");
-    stop_tx.send_replace(true);
+    stopping.request();
     // One deadline for the whole shutdown: workers finish their batches, then the producer
     // flushes whatever is still in flight, in what is left of the timeout.
     let deadline = tokio::time::Instant::now() + shutdown_timeout;

@@ -10,11 +10,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
 use tokio::task::{Id, JoinError, JoinSet};
 
 use crate::backoff::Backoff;
 use crate::health::{Health, PartitionState};
+use crate::shutdown::Shutdown;
 
 /// One of the relay's background tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,18 +64,18 @@ pub struct Supervisor {
     restarts: HashMap<Task, u64>,
     retry: (Duration, Duration),
     health: Arc<Health>,
-    stop: watch::Receiver<bool>,
+    shutdown: Shutdown,
     start: Starter,
 }
 
 impl Supervisor {
     /// A supervisor that starts tasks with `start`, restarts them with a backoff between
-    /// `retry.0` and `retry.1`, reports to `health`, and stops restarting once `stop` is true.
+    /// `retry.0` and `retry.1`, reports to `health`, and stops restarting once shutdown is requested.
     pub fn new(
         start: Starter,
         retry: (Duration, Duration),
         health: Arc<Health>,
-        stop: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Self {
         Supervisor {
             tasks: JoinSet::new(),
@@ -84,7 +84,7 @@ impl Supervisor {
             restarts: HashMap::new(),
             retry,
             health,
-            stop,
+            shutdown,
             start,
         }
     }
@@ -96,15 +96,15 @@ impl Supervisor {
 
     fn spawn_after(&mut self, task: Task, delay: Duration) {
         let future = (self.start)(task);
-        let mut stop = self.stop.clone();
+        let shutdown = self.shutdown.clone();
         let health = Arc::clone(&self.health);
         let handle = self.tasks.spawn(async move {
             if !delay.is_zero() {
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => {}
+                    () = shutdown.requested() => {}
                 }
-                if *stop.borrow() {
+                if shutdown.is_requested() {
                     return;
                 }
             }
@@ -132,7 +132,7 @@ impl Supervisor {
         let Some((task, started)) = self.running.remove(&id) else {
             return true;
         };
-        if *self.stop.borrow() {
+        if self.shutdown.is_requested() {
             return true;
         }
         let restarts = {
@@ -206,29 +206,29 @@ mod tests {
     use super::*;
 
     /// A starter whose worker 0 panics on its first two starts and then runs until stopped.
-    fn flaky(starts: Arc<AtomicU32>, stop: watch::Receiver<bool>) -> Starter {
+    fn flaky(starts: Arc<AtomicU32>, shutdown: Shutdown) -> Starter {
         Box::new(move |task| {
             let n = starts.fetch_add(1, Ordering::SeqCst);
-            let mut stop = stop.clone();
+            let shutdown = shutdown.clone();
             Box::pin(async move {
                 if task == Task::Worker(0) && n < 2 {
                     panic!("boom {n}");
                 }
-                let _ = stop.wait_for(|s| *s).await;
+                shutdown.requested().await;
             })
         })
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_panicking_task_is_reported_and_restarted_with_backoff() {
-        let (stop_tx, stop) = watch::channel(false);
+        let shutdown = Shutdown::new();
         let health = Arc::new(Health::default());
         let starts = Arc::new(AtomicU32::new(0));
         let mut s = Supervisor::new(
-            flaky(Arc::clone(&starts), stop.clone()),
+            flaky(Arc::clone(&starts), shutdown.clone()),
             (Duration::from_millis(100), Duration::from_secs(1)),
             Arc::clone(&health),
-            stop,
+            shutdown.clone(),
         );
         s.spawn(Task::Worker(0));
         assert!(s.watch_next().await);
@@ -250,14 +250,14 @@ mod tests {
         // The third start runs until stopped.
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(starts.load(Ordering::SeqCst), 3);
-        stop_tx.send_replace(true);
+        shutdown.request();
         assert!(s.drain(Duration::from_secs(1)).await);
         assert_eq!(s.restarts(Task::Worker(0)), 2, "no restart after stop");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_task_that_returns_early_is_restarted_too() {
-        let (stop_tx, stop) = watch::channel(false);
+        let shutdown = Shutdown::new();
         let health = Arc::new(Health::default());
         let starts = Arc::new(AtomicU32::new(0));
         let counter = Arc::clone(&starts);
@@ -268,7 +268,7 @@ mod tests {
             }),
             (Duration::from_millis(10), Duration::from_millis(10)),
             Arc::clone(&health),
-            stop,
+            shutdown.clone(),
         );
         s.spawn(Task::Poller);
         assert!(s.watch_next().await);
@@ -279,7 +279,7 @@ mod tests {
         );
         assert!(s.watch_next().await);
         assert_eq!(s.restarts(Task::Poller), 2);
-        stop_tx.send_replace(true);
+        shutdown.request();
         s.drain(Duration::from_secs(1)).await;
         assert!(starts.load(Ordering::SeqCst) >= 2);
     }

@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
 use crate::health::{Health, PartitionState};
 use crate::ownership::{Ownership, View};
+use crate::shutdown::Shutdown;
 use crate::sql::{SESSION_SETUP, Statements};
 
 /// The name under which this task shows in `/health`.
@@ -67,7 +67,7 @@ pub async fn run(
     ownership: Arc<Ownership>,
     health: Arc<Health>,
     shutdown_timeout: Duration,
-    mut stop: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     // Who this is, for operators' eyes in `relay_instance`: read once.
     let (host, pid) = (host_name(), process_id());
@@ -104,7 +104,7 @@ pub async fn run(
                 renewed_at = Some(Instant::now());
                 result = renew(s, &sql, &ownership, &health, &host, pid).await;
             }
-            if result.is_ok() && !*stop.borrow() {
+            if result.is_ok() && !shutdown.is_requested() {
                 result = read_view(&s.client, &sql, &ownership, &health).await;
             }
             match result {
@@ -116,7 +116,7 @@ pub async fn run(
                 }
             }
         }
-        if *stop.borrow() {
+        if shutdown.is_requested() {
             let since = *stopping_since.get_or_insert_with(Instant::now);
             if ownership.held_count() == 0 || since.elapsed() >= shutdown_timeout {
                 break;
@@ -127,7 +127,7 @@ pub async fn run(
         }
         tokio::select! {
             () = tokio::time::sleep(VIEW_INTERVAL) => {}
-            _ = stop.changed() => {}
+            () = shutdown.requested() => {}
         }
     }
     if let Some(s) = session {

@@ -8,13 +8,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+
 use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
 use crate::periodic::Periodic;
 use crate::pipeline::reader::Window;
 use crate::session::Incarnation;
+use crate::shutdown::Shutdown;
 use crate::sql::{SESSION_SETUP, Statements};
 
 /// What the poller left for one worker: a window (merged with earlier ones not yet
@@ -203,7 +205,7 @@ impl Poller {
     /// means nothing: it starts from a fresh one and has every worker reread its partition
     /// from the start (the fresh snapshot is taken first, so every commit is in a reread or in
     /// a later window).
-    pub async fn run(self, stop: watch::Receiver<bool>) {
+    pub async fn run(self, shutdown: Shutdown) {
         let Poller {
             database,
             mut client,
@@ -218,7 +220,7 @@ impl Poller {
             start,
         } = self;
         let mut state = start;
-        let mut periodic = Periodic::new(interval, stop);
+        let mut periodic = Periodic::new(interval, shutdown);
         let mut backoff = Backoff::new(retry.0, retry.1);
         // `poll_windows` prepared on the current connection.
         let mut prepared: Option<tokio_postgres::Statement> = None;
@@ -256,7 +258,7 @@ impl Poller {
                     }
                     (Err(()), _) => {
                         client = None;
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        periodic.shutdown().sleep(backoff.next_delay()).await;
                     }
                 }
                 continue;
@@ -266,7 +268,7 @@ impl Poller {
             }
             let Some(poll) = prepared.as_ref() else {
                 client = None;
-                tokio::time::sleep(backoff.next_delay()).await;
+                periodic.shutdown().sleep(backoff.next_delay()).await;
                 continue;
             };
             match c.query_one(poll, &[&current.snapshot]).await {
@@ -289,7 +291,7 @@ impl Poller {
                         Err(e) => {
                             tracing::error!(error = %e, "wake-up poll answered something unusable; workers fall back to polling");
                             health.set_task("wake-up poller", Some(format!("cannot poll: {e}")));
-                            tokio::time::sleep(backoff.next_delay()).await;
+                            periodic.shutdown().sleep(backoff.next_delay()).await;
                             continue;
                         }
                     };
@@ -335,7 +337,7 @@ impl Poller {
                     if c.is_closed() {
                         client = None;
                     }
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    periodic.shutdown().sleep(backoff.next_delay()).await;
                 }
             }
         }

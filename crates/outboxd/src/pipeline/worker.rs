@@ -10,8 +10,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
-
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -25,6 +23,7 @@ use crate::pipeline::reader::{OutboxRow, PartitionReader};
 use crate::pipeline::wakeup::{Mailbox, PollerPulse};
 use crate::publisher::{Publisher, Refusal, Sent, classify};
 use crate::sessions::{Checkout, SessionPool};
+use crate::shutdown::Shutdown;
 use crate::sql::Statements;
 
 /// What every worker shares.
@@ -83,7 +82,7 @@ pub(crate) struct Worker<'a> {
     pub(crate) epoch: i64,
     pub(crate) ctx: &'a WorkerContext,
     pub(crate) metrics: PartitionMetrics,
-    stop: watch::Receiver<bool>,
+    shutdown: Shutdown,
 }
 
 /// The lease this worker holds, recorded in `Ownership` (for renewal and `/health`) for as long
@@ -101,11 +100,11 @@ impl Drop for Held<'_> {
     }
 }
 
-/// Runs the worker for `partition` until `stop` turns true.
+/// Runs the worker for `partition` until shutdown is requested.
 pub async fn run_worker(
     partition: i32,
     ctx: Arc<WorkerContext>,
-    stop: watch::Receiver<bool>,
+    shutdown: Shutdown,
     mailbox: Arc<Mailbox>,
     pulse: Arc<PollerPulse>,
 ) {
@@ -114,7 +113,7 @@ pub async fn run_worker(
         epoch: 0,
         metrics: PartitionMetrics::new(&ctx.config.schema, partition),
         ctx: &ctx,
-        stop,
+        shutdown,
     };
     let mut reconnect = Backoff::new(ctx.config.retry_initial(), ctx.config.retry_max());
     let mut reader = PartitionReader::new(partition, ctx.config.batch_size);
@@ -136,7 +135,7 @@ pub async fn run_worker(
             tokio::select! {
                 _ = view.changed() => {}
                 () = tokio::time::sleep(ctx.config.retry_max()) => {}
-                _ = w.stop.changed() => {}
+                () = w.shutdown.requested() => {}
             }
             continue;
         }
@@ -151,7 +150,7 @@ pub async fn run_worker(
                 w.set_state(PartitionState::OwnedElsewhere);
                 tokio::select! {
                     () = tokio::time::sleep(CLAIM_RETRY) => {}
-                    _ = w.stop.changed() => {}
+                    () = w.shutdown.requested() => {}
                 }
                 continue;
             }
@@ -205,7 +204,7 @@ pub async fn run_worker(
                 tokio::select! {
                     _ = mailbox.wait() => {}
                     _ = tokio::time::sleep(ctx.config.retry_max()) => {}
-                    _ = w.stop.changed() => {}
+                    () = w.shutdown.requested() => {}
                 }
             }
             Exit::Reconnect(e) => {
@@ -235,16 +234,12 @@ impl Worker<'_> {
     }
 
     fn stopping(&self) -> bool {
-        *self.stop.borrow()
+        self.shutdown.is_requested()
     }
 
     /// Sleeps for `d`; returns true when shutdown was requested meanwhile.
     pub(crate) async fn sleep_or_stop(&mut self, d: Duration) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(d) => {}
-            _ = self.stop.changed() => {}
-        }
-        self.stopping()
+        self.shutdown.sleep(d).await
     }
 
     /// Takes a session and claims the partition's lease on it; the session when the claim
@@ -324,7 +319,7 @@ impl Worker<'_> {
     async fn checkout_or_stop(&mut self) -> Option<Result<Checkout>> {
         tokio::select! {
             c = self.ctx.sessions.checkout() => Some(c),
-            _ = self.stop.changed() => None,
+            () = self.shutdown.requested() => None,
         }
     }
 
@@ -406,7 +401,7 @@ impl Worker<'_> {
                                 reader.open_own_window();
                             }
                         }
-                        _ = self.stop.changed() => {}
+                        () = self.shutdown.requested() => {}
                     }
                     continue;
                 }
@@ -422,7 +417,7 @@ impl Worker<'_> {
                         self.report_slow_acks(&flights);
                         None
                     }
-                    _ = self.stop.changed() => None,
+                    () = self.shutdown.requested() => None,
                 };
                 let step = match woke {
                     Some((flight, acks)) => {

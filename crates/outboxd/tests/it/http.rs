@@ -44,15 +44,15 @@ async fn get_json(base: &str, path: &str) -> (u16, Value) {
     (status, json)
 }
 
-async fn serve(health: Arc<Health>) -> (String, tokio::sync::watch::Sender<bool>) {
+async fn serve(health: Arc<Health>) -> (String, outboxd::shutdown::Shutdown) {
     let render: outboxd::http::RenderMetrics =
         Arc::new(|| "outbox_relay_partition_blocked 1\n".to_owned());
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = outboxd::shutdown::Shutdown::new();
     let (addr, _task) = outboxd::http::serve(
         "127.0.0.1:0".parse().expect("addr"),
         health,
         render,
-        stop_rx,
+        stop.clone(),
     )
     .await
     .expect("serve");
