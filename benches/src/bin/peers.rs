@@ -1044,8 +1044,8 @@ fn report(a: &ReportArgs) -> Res<()> {
     Ok(())
 }
 
-/// p50 and p99 against the target rate, one panel per messages-per-transaction, both
-/// systems in each; the median over repetitions; log-scaled latency.
+/// p50 and p99 against the achieved write rate, one panel per messages-per-transaction,
+/// both systems in each; the median over repetitions; log-scaled latency.
 fn plot(points: &[&Outcome], path: &Path) -> Res<()> {
     use plotters::prelude::*;
 
@@ -1082,7 +1082,8 @@ fn plot(points: &[&Outcome], path: &Path) -> Res<()> {
             .build_cartesian_2d(0.0..max_rate * 1.08, (lo..hi).log_scale())?;
         chart
             .configure_mesh()
-            .x_desc("target rate (msg/s)")
+            .x_desc("achieved write rate (msg/s)")
+            .max_light_lines(2)
             .y_desc("latency (ms)")
             .draw()?;
         for (system, color) in [("outboxd", BLUE), ("debezium", RED)] {
@@ -1094,19 +1095,26 @@ fn plot(points: &[&Outcome], path: &Path) -> Res<()> {
                     .collect();
                 rates.sort();
                 rates.dedup();
+                // x: the rate the writers achieved (the median over repetitions), so that a
+                // point whose writers fell behind is drawn where it was measured.
                 let series: Vec<(f64, f64)> = rates
                     .iter()
                     .filter_map(|r| {
-                        let mut v: Vec<f64> = points
+                        let at_rate: Vec<&&Outcome> = points
                             .iter()
                             .filter(|o| {
                                 o.system == system && o.per_tx == *per_tx && o.rate_target == *r
                             })
-                            .map(|o| if q == "p50" { o.p50_ms } else { o.p99_ms })
-                            .filter(|x| x.is_finite() && *x > 0.0)
                             .collect();
-                        v.sort_by(|x, y| x.total_cmp(y));
-                        Some((*r as f64, *v.get(v.len() / 2)?))
+                        let mut x: Vec<f64> = at_rate.iter().map(|o| o.achieved_rate).collect();
+                        let mut y: Vec<f64> = at_rate
+                            .iter()
+                            .map(|o| if q == "p50" { o.p50_ms } else { o.p99_ms })
+                            .filter(|v| v.is_finite() && *v > 0.0)
+                            .collect();
+                        x.sort_by(|a, b| a.total_cmp(b));
+                        y.sort_by(|a, b| a.total_cmp(b));
+                        Some((*x.get(x.len() / 2)?, *y.get(y.len() / 2)?))
                     })
                     .collect();
                 if series.is_empty() {
