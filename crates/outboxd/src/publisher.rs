@@ -190,7 +190,7 @@ pub enum Sent {
     /// Kafka acknowledged it.
     Acked,
     /// Kafka or the client refused it, at enqueue time or in its delivery report.
-    Failed(KafkaError),
+    Failed(Failure),
     /// Not sent: an earlier row of the round failed at enqueue time.
     NotSent,
 }
@@ -252,6 +252,37 @@ impl ProducerHandle {
 /// send it was asked to follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotSameProducer;
+
+/// Why a message was not delivered, with what that means for it (the publisher classifies
+/// every error it reports).
+#[derive(Debug)]
+pub struct Failure {
+    /// The client's error.
+    pub error: KafkaError,
+    /// Whether retrying can help, and how a refusal is handled.
+    pub kind: Refusal,
+}
+
+impl Failure {
+    fn of(error: KafkaError) -> Failure {
+        Failure {
+            kind: classify(&error),
+            error,
+        }
+    }
+}
+
+impl From<KafkaError> for Failure {
+    fn from(error: KafkaError) -> Failure {
+        Failure::of(error)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
 
 /// The relay's Kafka producers; see the module docs.
 pub struct Publisher {
@@ -478,13 +509,13 @@ impl Publisher {
             .into_iter()
             .map(|r| match r {
                 Ok(Ok(_)) => Sent::Acked,
-                Ok(Err((e, _))) => Sent::Failed(e),
+                Ok(Err((e, _))) => Sent::Failed(Failure::of(e)),
                 // The producer was dropped (recreated) before it reported: unknown, resend.
-                Err(_) => Sent::Failed(KafkaError::Canceled),
+                Err(_) => Sent::Failed(Failure::of(KafkaError::Canceled)),
             })
             .collect();
         if let Some(e) = refused {
-            results.push(Sent::Failed(e));
+            results.push(Sent::Failed(Failure::of(e)));
         }
         while results.len() < rows {
             results.push(Sent::NotSent);
@@ -537,13 +568,13 @@ impl Publisher {
     }
 
     /// Sends one row alone through the probe producer and waits for its acknowledgement.
-    pub async fn probe(&self, row: &OutboxRow) -> std::result::Result<(), KafkaError> {
+    pub async fn probe(&self, row: &OutboxRow) -> std::result::Result<(), Failure> {
         let producer = self.probe_producer()?;
         let delivery = enqueue(&producer, row).await?;
         match delivery.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(e),
-            Err(_) => Err(KafkaError::Canceled),
+            Ok(Err((e, _))) => Err(Failure::of(e)),
+            Err(_) => Err(Failure::of(KafkaError::Canceled)),
         }
     }
 
@@ -598,7 +629,7 @@ pub fn is_missing_topic(error: &KafkaError) -> bool {
 /// Classifies a refusal. Unknown errors are retried: retrying a message Kafka refuses for good
 /// only delays the partition (visibly), while giving up on one that would have gone through
 /// would move it aside for nothing.
-pub fn classify(error: &KafkaError) -> Refusal {
+fn classify(error: &KafkaError) -> Refusal {
     use RDKafkaErrorCode as C;
     match error.rdkafka_error_code() {
         Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidRecord) => {
@@ -734,7 +765,7 @@ mod tests {
 
         let refused = refused.await.expect("task");
         assert!(
-            matches!(&refused[..], [Sent::Failed(e)] if classify(e) == Refusal::PermanentForItsBatch),
+            matches!(&refused[..], [Sent::Failed(f)] if f.kind == Refusal::PermanentForItsBatch),
             "{refused:?}"
         );
         let stranded = tokio::time::timeout(Duration::from_secs(30), stranded)
@@ -742,7 +773,7 @@ mod tests {
             .expect("the stranded delivery must be reported, not waited for for ever")
             .expect("task");
         assert!(
-            matches!(&stranded[..], [Sent::Failed(e)] if classify(e) == Refusal::Retriable),
+            matches!(&stranded[..], [Sent::Failed(f)] if f.kind == Refusal::Retriable),
             "{stranded:?}"
         );
         assert_eq!(publisher.fatal_errors().0, 1, "counted once");

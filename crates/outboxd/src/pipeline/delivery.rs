@@ -30,15 +30,13 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use rdkafka::error::KafkaError;
-
 use crate::backoff::Backoff;
 use crate::config::ErrorPolicy;
 use crate::error::{Error, Result};
 use crate::health::PartitionState;
 use crate::pipeline::reader::OutboxRow;
 use crate::pipeline::worker::Worker;
-use crate::publisher::{Refusal, Sent, classify};
+use crate::publisher::{Failure, Refusal, Sent};
 
 /// How delivering one batch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +62,7 @@ pub(crate) const ACK_WAIT_BEFORE_RETRYING: Duration = Duration::from_secs(5);
 /// Why a message is refused, as recorded in `dead_letter.error`.
 #[derive(Debug)]
 enum Fault {
-    Kafka(KafkaError),
+    Kafka(Failure),
     Undecodable(String),
 }
 
@@ -132,14 +130,14 @@ fn next_round<'b>(
     round
 }
 
-/// Rows Kafka refused for good, by message id, with the error and its kind.
-pub(crate) type Refusals = HashMap<i64, (KafkaError, Refusal)>;
+/// Rows Kafka refused for good, by message id.
+pub(crate) type Refusals = HashMap<i64, Failure>;
 
 /// What handling one row alone decided.
 enum Verdict {
     Acked,
     Refused(Fault),
-    Retry(KafkaError),
+    Retry(Failure),
 }
 
 impl Worker<'_> {
@@ -164,7 +162,7 @@ impl Worker<'_> {
         // first pending row of the batch, so that nothing of its entity (nor anything else)
         // before it is still unacknowledged when a probe publishes it.
         while let Some(&first) = pending.first() {
-            let mut retry: Option<(i64, KafkaError)> = None;
+            let mut retry: Option<(i64, Failure)> = None;
             let round = next_round(&pending, |row| {
                 row.undecodable.is_some()
                     || Some(row.id) == blocked
@@ -174,7 +172,7 @@ impl Worker<'_> {
                 // The first pending row must be handled alone.
                 let verdict = match (&first.undecodable, refusals.remove(&first.id)) {
                     (Some(e), _) => Verdict::Refused(Fault::Undecodable(e.clone())),
-                    (None, Some((e, Refusal::Permanent))) => self.confirm(first, e).await,
+                    (None, Some(f)) if f.kind == Refusal::Permanent => self.confirm(first, f).await,
                     // Refused with its record batch, or blocked the partition last time.
                     _ => self.probe(first).await,
                 };
@@ -200,14 +198,12 @@ impl Worker<'_> {
                             done.insert(row.id);
                         }
                         Sent::NotSent => {}
-                        Sent::Failed(e) => match classify(&e) {
-                            Refusal::Retriable => {
-                                retry.get_or_insert((row.id, e));
-                            }
-                            kind => {
-                                refusals.insert(row.id, (e, kind));
-                            }
-                        },
+                        Sent::Failed(f) if f.kind == Refusal::Retriable => {
+                            retry.get_or_insert((row.id, f));
+                        }
+                        Sent::Failed(f) => {
+                            refusals.insert(row.id, f);
+                        }
                     }
                 }
                 pending.retain(|r| !done.contains(&r.id));
@@ -274,18 +270,16 @@ impl Worker<'_> {
         self.metrics.probes.increment(1);
         match self.ctx.publisher.probe(row).await {
             Ok(()) => Verdict::Acked,
-            Err(e) => match classify(&e) {
-                Refusal::Retriable => Verdict::Retry(e),
-                _ => self.confirm(row, e).await,
-            },
+            Err(f) if f.kind == Refusal::Retriable => Verdict::Retry(f),
+            Err(f) => self.confirm(row, f).await,
         }
     }
 
     /// A refusal for a missing topic or partition is confirmed with fresh metadata before the
     /// policy acts: the producer's cache may still call "unknown" a topic an operator has just
     /// created (then, or when the cluster does not answer, the message is retried instead).
-    async fn confirm(&self, row: &OutboxRow, e: KafkaError) -> Verdict {
-        if crate::publisher::is_missing_topic(&e) {
+    async fn confirm(&self, row: &OutboxRow, e: Failure) -> Verdict {
+        if crate::publisher::is_missing_topic(&e.error) {
             let publisher = std::sync::Arc::clone(&self.ctx.publisher);
             let (topic, partition) = (row.topic.clone(), row.kafka_partition);
             let exists = tokio::task::spawn_blocking(move || {

@@ -423,7 +423,10 @@ mod tests {
             Box::pin(async {
                 vec![
                     Sent::Acked,
-                    Sent::Failed(rdkafka::error::KafkaError::Canceled),
+                    Sent::Failed(crate::publisher::Failure {
+                        error: rdkafka::error::KafkaError::Canceled,
+                        kind: crate::publisher::Refusal::Retriable,
+                    }),
                 ]
             }),
         );

@@ -21,7 +21,7 @@ use crate::pipeline::delivery::{ACK_WAIT_BEFORE_RETRYING, Outcome, Refusals};
 use crate::pipeline::in_flight::{Flight, InFlight};
 use crate::pipeline::reader::{OutboxRow, PartitionReader};
 use crate::pipeline::wakeup::{Mailbox, PollerPulse};
-use crate::publisher::{Publisher, Refusal, Sent, classify};
+use crate::publisher::{Publisher, Refusal, Sent};
 use crate::sessions::{Checkout, SessionPool};
 use crate::shutdown::Shutdown;
 use crate::sql::Statements;
@@ -335,7 +335,10 @@ impl Worker<'_> {
         let stall = self.ctx.config.poll_interval() + self.ctx.config.wakeup_interval() * 20;
         // The message that blocked this partition, tried alone first on the next attempt.
         let mut blocked: Option<i64> = None;
-        // Held for reading; back in the pool while Kafka acknowledges and while caught up.
+        // The claim's session, for the first read. A worker holds a session only for one
+        // statement and never waits for another one while holding it: with more partitions
+        // than sessions, workers that each held one while waiting for a second (to retire
+        // with) would wait for ever.
         let mut session = Some(first);
         let mut flights = InFlight::new(self.ctx.config.batches_in_flight);
         loop {
@@ -461,7 +464,7 @@ impl Worker<'_> {
                     return Exit::Stop;
                 };
                 reader.reset(s.incarnation.clone());
-                session = Some(s);
+                drop(s);
                 continue;
             }
             let batch = match reader.next_batch(&s.client, &self.ctx.sql, &s.read).await {
@@ -472,8 +475,8 @@ impl Worker<'_> {
                     return Exit::Reconnect(e);
                 }
             };
+            drop(s);
             if batch.is_empty() {
-                session = Some(s);
                 continue;
             }
             let read_at = Instant::now();
@@ -499,16 +502,13 @@ impl Worker<'_> {
                         whole,
                         Box::pin(publisher.finish(sending)),
                     );
-                    // Keep the session while there is more to read at once.
-                    session = Some(s);
                     continue;
                 }
                 // The producer was replaced since the batches in flight were sent: this
                 // batch waits until they came back.
             }
             // The batch cannot join the ones in flight: it goes alone, round by round,
-            // once they came back. The session goes back to the pool meanwhile.
-            drop(s);
+            // once they came back.
             let mut step = self.drain(&mut flights, reader, &mut blocked).await;
             if matches!(step, Ok(Step::Next)) {
                 step = self
@@ -691,14 +691,11 @@ impl Worker<'_> {
             for (row, sent) in flight.rows.into_iter().zip(acks) {
                 match sent {
                     Sent::Acked => acked.push(row),
-                    Sent::Failed(e) => {
-                        match classify(&e) {
-                            Refusal::Retriable => {
-                                self.metrics.retriable_errors.increment(1);
-                            }
-                            kind => {
-                                refusals.insert(row.id, (e, kind));
-                            }
+                    Sent::Failed(f) => {
+                        if f.kind == Refusal::Retriable {
+                            self.metrics.retriable_errors.increment(1);
+                        } else {
+                            refusals.insert(row.id, f);
                         }
                         rest.push(row);
                     }

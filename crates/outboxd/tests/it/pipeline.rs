@@ -143,3 +143,34 @@ async fn a_refusal_in_flight_is_dead_lettered_and_the_rest_goes_on_in_order() {
     s.relay.stop().await;
     s.setup.cleanup().await;
 }
+
+/// Sixteen partitions share two sessions, batches of five, and every acknowledged batch is
+/// deleted at once: a worker that kept its read session while waiting for another one to
+/// delete with would, with the others doing the same, wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_smaller_than_the_partitions_never_deadlocks() {
+    let setup = Setup::new(16).await;
+    let topic = outbox_testkit::create_topic("pipe-pool", 4).await;
+    let mut config = setup.relay_config();
+    config.pool_size = 2;
+    config.batch_size = 5;
+    config.retire_interval_ms = 0;
+    let relay = RunningRelay::start(config);
+    let entities: Vec<(String, Vec<u8>)> = (0..3000)
+        .map(|i| (format!("e{}", i % 300), format!("m{i}").into_bytes()))
+        .collect();
+    let writers: Vec<_> = entities
+        .chunks(750)
+        .map(|chunk| {
+            let (outbox, topic, chunk) = (setup.outbox.clone(), topic.clone(), chunk.to_vec());
+            tokio::spawn(async move { write_messages(&outbox, &topic, &chunk).await })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    setup.wait_drained("all 3,000 messages published").await;
+    assert!(outbox_testkit::topic_size(&topic) >= 3000);
+    relay.stop().await;
+    setup.cleanup().await;
+}
