@@ -80,6 +80,11 @@ pub(crate) struct InFlight<'a> {
     /// empty again.
     closed: bool,
     depth: usize,
+    /// Rows in flight, and the most there may be before another batch joins (a full
+    /// batch's worth): small batches pipeline up to `depth` deep, full ones (a backlog) go
+    /// one at a time, which keeps the memory they take bounded.
+    rows: usize,
+    max_rows: usize,
     /// Ids Kafka acknowledged that are not deleted yet (retired together, see
     /// `retire_interval_ms`), and since when the oldest of them waits.
     acked: Vec<i64>,
@@ -87,14 +92,17 @@ pub(crate) struct InFlight<'a> {
 }
 
 impl<'a> InFlight<'a> {
-    /// An empty pipeline of at most `depth` batches (at least one).
-    pub(crate) fn new(depth: usize) -> Self {
+    /// An empty pipeline of at most `depth` batches (at least one), which takes no batch
+    /// while `max_rows` rows or more are in flight.
+    pub(crate) fn new(depth: usize, max_rows: usize) -> Self {
         InFlight {
             flights: VecDeque::new(),
             lanes: HashMap::new(),
             producer: None,
             closed: false,
             depth: depth.max(1),
+            rows: 0,
+            max_rows,
             acked: Vec::new(),
             acked_since: None,
         }
@@ -132,7 +140,7 @@ impl<'a> InFlight<'a> {
 
     /// True when another batch may be read now to join (room left, not closed).
     pub(crate) fn has_room(&self) -> bool {
-        !self.closed && self.flights.len() < self.depth
+        !self.closed && self.flights.len() < self.depth && self.rows < self.max_rows
     }
 
     /// The producer the next batch must go through, if batches are in flight.
@@ -203,6 +211,7 @@ impl<'a> InFlight<'a> {
         }
         self.producer = Some(producer);
         self.closed |= !fully_enqueued;
+        self.rows += rows.len();
         self.flights.push_back(Flight {
             rows,
             read_at,
@@ -239,6 +248,7 @@ impl<'a> InFlight<'a> {
     fn pop(&mut self) -> Option<(Flight<'a>, Vec<Sent>)> {
         let mut flight = self.flights.pop_front()?;
         let result = flight.result.take().unwrap_or_default();
+        self.rows -= flight.rows.len();
         for row in &flight.rows {
             if let Some(entry) = self.lanes.get_mut(&row.entity_key) {
                 entry.1 -= 1;
@@ -285,7 +295,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_entity_keeps_its_lane_across_batches_in_flight() {
-        let mut q = InFlight::new(4);
+        let mut q = InFlight::new(4, 1000);
         let first = vec![row(1, "a", "t1"), row(2, "b", "t1")];
         assert!(q.admits(&first, None, |_| true));
         q.push(first, Instant::now(), producer(), true, Box::pin(acked(2)));
@@ -302,7 +312,7 @@ mod tests {
 
     #[tokio::test]
     async fn behind_others_only_rows_for_topics_known_to_exist_join() {
-        let mut q = InFlight::new(4);
+        let mut q = InFlight::new(4, 1000);
         let unknown = |r: &OutboxRow| r.topic != "new";
         // Alone, a batch for a new topic goes (nothing is behind it).
         assert!(q.admits(&[row(1, "a", "new")], None, unknown));
@@ -319,7 +329,7 @@ mod tests {
 
     #[test]
     fn a_batch_that_needs_rounds_or_a_lone_row_does_not_join() {
-        let q = InFlight::new(4);
+        let q = InFlight::new(4, 1000);
         assert!(!q.admits(&[row(1, "a", "t1"), row(2, "a", "t2")], None, |_| true));
         assert!(!q.admits(&[row(1, "a", "t1")], Some(1), |_| true));
         let mut bad = row(1, "a", "t1");
@@ -332,7 +342,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_depth_bounds_the_pipeline_and_a_partial_enqueue_closes_it() {
-        let mut q = InFlight::new(2);
+        let mut q = InFlight::new(2, 1000);
         q.push(
             vec![row(1, "a", "t")],
             Instant::now(),
@@ -368,9 +378,32 @@ mod tests {
         assert!(q.is_empty() && q.has_room());
     }
 
+    #[tokio::test]
+    async fn a_full_batch_in_flight_leaves_no_room_for_another() {
+        let mut q = InFlight::new(4, 3);
+        q.push(
+            vec![row(1, "a", "t"), row(2, "b", "t")],
+            Instant::now(),
+            producer(),
+            true,
+            Box::pin(acked(2)),
+        );
+        assert!(q.has_room(), "two rows of at most three");
+        q.push(
+            vec![row(3, "c", "t")],
+            Instant::now(),
+            producer(),
+            true,
+            Box::pin(acked(1)),
+        );
+        assert!(!q.has_room(), "a batch's worth in flight");
+        let _ = q.next_done().await;
+        assert!(q.has_room());
+    }
+
     #[test]
     fn acknowledged_ids_are_retired_after_the_interval_or_when_many() {
-        let mut q = InFlight::new(4);
+        let mut q = InFlight::new(4, 1000);
         let interval = Duration::from_millis(100);
         assert_eq!(q.retire_due_at(interval, 3), None);
         q.hold_acked([1, 2]);
@@ -384,7 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_come_back_in_the_order_they_were_sent() {
-        let mut q = InFlight::new(4);
+        let mut q = InFlight::new(4, 1000);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         q.push(
             vec![row(1, "a", "t")],
@@ -414,7 +447,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_with_a_failure_is_not_taken_as_acknowledged() {
-        let mut q = InFlight::new(4);
+        let mut q = InFlight::new(4, 1000);
         q.push(
             vec![row(1, "a", "t"), row(2, "b", "t")],
             Instant::now(),

@@ -340,7 +340,13 @@ impl Worker<'_> {
         // than sessions, workers that each held one while waiting for a second (to retire
         // with) would wait for ever.
         let mut session = Some(first);
-        let mut flights = InFlight::new(self.ctx.config.batches_in_flight);
+        // At most a full batch's worth of rows in flight (or one row per batch of the depth,
+        // whichever is more): small batches pipeline, a backlog goes a batch at a time.
+        let config = &self.ctx.config;
+        let mut flights = InFlight::new(
+            config.batches_in_flight,
+            config.batch_size.max(config.batches_in_flight),
+        );
         loop {
             if self.stopping() {
                 self.retire_on_stop(&mut flights, reader).await;
