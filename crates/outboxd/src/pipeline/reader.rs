@@ -2,11 +2,12 @@
 //!
 //! Reads are cut into *windows*, each bounded by a transaction snapshot (as PgQ does). A
 //! window holds the partition's messages committed in its snapshot and not yet published;
-//! the reader walks them in id order with a cursor, in batches, and the caller deletes each
-//! batch once Kafka acknowledged it. A window starts at the smallest id committed since the
-//! previous window's snapshot, so a transaction that took a small id and commits late is
-//! read in the next window instead of being skipped, and no read walks the dead rows left
-//! behind by earlier windows. Per-entity order follows from the writers' entity lock: within
+//! the reader walks them in id order with a cursor, in batches, and the caller deletes what
+//! Kafka acknowledged. Rows returned and not yet settled (on their way to Kafka, or
+//! acknowledged and not yet deleted) are skipped by later reads. A window starts at the
+//! smallest id committed since the previous window's snapshot, so a transaction that took a
+//! small id and commits late is read in the next window instead of being skipped, and no
+//! read walks the dead rows left behind by earlier windows. Per-entity order follows from the writers' entity lock: within
 //! one entity, ids are taken in commit order (see `docs/guarantees.md`).
 //!
 //! A transaction that took a small id and commits late opens a window that starts far below

@@ -1,11 +1,12 @@
 //! One virtual partition's worker: claims the partition's lease when the shared view makes
-//! its instance the owner (`ownership`), then loops read a batch -> deliver it (`delivery`)
-//! -> retire what Kafka acknowledged, strictly one batch at a time so that order holds, and
-//! only while the lease carries its epoch. It takes a session from the instance's bounded
-//! pool (`sessions`) only while it has work. When a statement fails (PostgreSQL went away)
-//! the worker claims the partition again with backoff and rereads it from its start, so
-//! nothing is lost (a batch whose delete did not happen is published again: at least once);
-//! it rereads as well when a session talks to another incarnation of the database.
+//! its instance the owner (`ownership`), then loops read a batch -> send it (joining the
+//! batches in flight, `in_flight`, or alone, round by round, `delivery`) -> retire what
+//! Kafka acknowledged, in order, and only while the lease carries its epoch. It takes a
+//! session from the instance's bounded pool (`sessions`) for one statement at a time. When a
+//! statement fails (PostgreSQL went away) the worker claims the partition again with
+//! backoff and rereads it from its start, so nothing is lost (a batch whose delete did not
+//! happen is published again: at least once); it rereads as well when a session talks to
+//! another incarnation of the database.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
