@@ -151,6 +151,7 @@ async fn run_relay(
                             spawn: spawn_tx.clone(),
                             health: Arc::clone(&ctx.health),
                             pulse: Arc::clone(&pulse),
+                            ownership: Arc::clone(&ctx.ownership),
                             start,
                         }
                         .run(stopping.clone()),

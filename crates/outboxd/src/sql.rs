@@ -113,8 +113,16 @@ pub struct Statements {
     pub unpark_entity: String,
     /// The wake-up poller's one query for all partitions: the current snapshot, the parked
     /// epoch, and for each partition with messages committed since the previous snapshot
-    /// `$1` (text) the smallest such id: a read window handed to that partition's worker.
+    /// `$1` (text) the smallest such id (a read window handed to that partition's worker)
+    /// and how many there are.
     pub poll_windows: String,
+    /// The rows of the windows the poller just found, for the partitions it names: rows
+    /// committed in the new snapshot and not in the previous one (so exactly what each
+    /// worker's read of its new window would return), with the batch read's columns plus the
+    /// partition, by partition and id. The worker uses them instead of reading, when its
+    /// previous window ended at the poller's previous snapshot. `$1`: previous snapshot
+    /// (text), `$2`: new snapshot (text), `$3`: partitions.
+    pub read_fresh: String,
     /// The current snapshot and parked epoch, to start the wake-up poller. No parameters.
     pub current_snapshot: String,
     /// Which life of the database this session talks to: the cluster's system identifier and
@@ -392,12 +400,27 @@ impl Statements {
                      SELECT partition, id FROM {s}.message
                       WHERE xid >= pg_snapshot_xmax($1::text::pg_snapshot)
                  ), per_partition AS (
-                     SELECT partition, min(id) AS min_id FROM fresh GROUP BY partition
+                     SELECT partition, min(id) AS min_id, count(*) AS rows
+                       FROM fresh GROUP BY partition
                  )
                  SELECT pg_current_snapshot()::text,
                         (SELECT parked_epoch FROM {s}.settings),
                         (SELECT array_agg(partition ORDER BY partition) FROM per_partition),
-                        (SELECT array_agg(min_id ORDER BY partition) FROM per_partition)"
+                        (SELECT array_agg(min_id ORDER BY partition) FROM per_partition),
+                        (SELECT array_agg(rows ORDER BY partition) FROM per_partition)"
+            ),
+            read_fresh: format!(
+                "SELECT {columns}, m.partition
+                   FROM (SELECT * FROM {s}.message
+                          WHERE xid = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
+                         UNION ALL
+                         SELECT * FROM {s}.message
+                          WHERE xid >= pg_snapshot_xmax($1::text::pg_snapshot)
+                        ) m
+                  WHERE m.partition = ANY ($3::int4[])
+                    AND pg_visible_in_snapshot(m.xid, $2::text::pg_snapshot)
+                    AND NOT EXISTS (SELECT 1 FROM {s}.parked_entity p WHERE p.entity_key = m.entity_key)
+                  ORDER BY m.partition, m.id"
             ),
             current_snapshot: format!(
                 "SELECT pg_current_snapshot()::text, (SELECT parked_epoch FROM {s}.settings)"
@@ -496,6 +519,7 @@ impl Statements {
             ("park_message", &self.park_message),
             ("unpark_entity", &self.unpark_entity),
             ("poll_windows", &self.poll_windows),
+            ("read_fresh", &self.read_fresh),
             ("current_snapshot", &self.current_snapshot),
             ("incarnation", &self.incarnation),
             ("id_sequence", &self.id_sequence),

@@ -90,6 +90,19 @@ impl Window {
     }
 }
 
+/// The rows of a window, read by the wake-up poller for the partition's worker (see
+/// `Statements::read_fresh`): those committed in the window's snapshot and not in
+/// `previous`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FreshRows {
+    /// The snapshot the window follows.
+    pub previous: String,
+    /// The rows, in id order.
+    pub rows: Vec<OutboxRow>,
+    /// `settings.parked_epoch` as the statement that read them saw it.
+    pub parked_epoch: Option<i64>,
+}
+
 /// The read state of one partition, owned by that partition's worker.
 #[derive(Debug)]
 pub struct PartitionReader {
@@ -121,10 +134,13 @@ pub struct PartitionReader {
     /// smaller id committed after they were read), and they are still in the table until
     /// retired, so a read skips them rather than send them twice, out of order.
     unsettled: HashSet<i64>,
+    /// The next window's rows as the poller read them, with the window's snapshot: taken
+    /// instead of a read when this reader's last window ended at the snapshot they follow.
+    fresh: Option<(String, FreshRows)>,
 }
 
 /// The column of a batch read that carries `settings.parked_epoch` (after the row columns).
-const PARKED_EPOCH_COLUMN: usize = 10;
+pub(crate) const PARKED_EPOCH_COLUMN: usize = 10;
 
 /// Below this many ids between a window's start and the high-water mark, the window is
 /// walked in id order (at most this many index entries, dead or alive); above it, its late
@@ -174,6 +190,7 @@ impl PartitionReader {
             incarnation: Incarnation::new("none yet"),
             parked_epoch: None,
             unsettled: HashSet::new(),
+            fresh: None,
         }
     }
 
@@ -198,6 +215,7 @@ impl PartitionReader {
     /// those are acknowledged, or their failure sends them again through the worker.
     pub fn reread(&mut self) {
         self.parked_epoch = None;
+        self.fresh = None;
         self.previous = None;
         self.window = None;
         self.pending = None;
@@ -238,6 +256,58 @@ impl PartitionReader {
         true
     }
 
+    /// Hands over a window found by the poller together with its rows, as the poller read
+    /// them. The rows stand for the window (and save a read) only when this reader's last
+    /// window ended exactly at the snapshot they follow, nothing else is waiting to be read,
+    /// and they fit in a batch: then every row committed up to that snapshot was returned
+    /// already, so the window's read would return exactly these rows (less those still in
+    /// flight). Otherwise the window is taken as [`PartitionReader::offer`] takes it.
+    pub fn offer_fresh(&mut self, window: Window, fresh: Option<FreshRows>) -> bool {
+        if window.incarnation != self.incarnation {
+            return false;
+        }
+        if let Some(f) = fresh
+            && self.window.is_none()
+            && self.pending.is_none()
+            && self.fresh.is_none()
+            && !self.open_own
+            && self.late.is_none()
+            && self.previous.as_deref() == Some(f.previous.as_str())
+            && f.rows.len() as i64 <= self.batch_size
+        {
+            self.fresh = Some((window.snapshot, f));
+            return true;
+        }
+        self.offer(window)
+    }
+
+    /// Takes the rows the poller read as the next window (see `offer_fresh`): `None` when
+    /// the parked epoch changed since this reader started from the partition's start (an
+    /// entity was unparked: it rereads, as `fetch` does), else the rows not in flight.
+    fn take_fresh(&mut self, snapshot: String, fresh: FreshRows) -> Option<Vec<OutboxRow>> {
+        if !fresh.rows.is_empty() {
+            match (self.parked_epoch, fresh.parked_epoch) {
+                (Some(seen), Some(now)) if seen != now => {
+                    self.reread();
+                    return None;
+                }
+                (None, now) => self.parked_epoch = now,
+                _ => {}
+            }
+        }
+        self.previous = Some(snapshot);
+        if let Some(last) = fresh.rows.iter().map(|r| r.id).max() {
+            self.high_water = Some(self.high_water.map_or(last, |h| h.max(last)));
+        }
+        Some(
+            fresh
+                .rows
+                .into_iter()
+                .filter(|r| self.unsettled.insert(r.id))
+                .collect(),
+        )
+    }
+
     /// Asks the next read to open a window itself (the poller is not answering).
     pub fn open_own_window(&mut self) {
         self.open_own = true;
@@ -245,7 +315,11 @@ impl PartitionReader {
 
     /// True when a read has something to do without waiting for the poller.
     pub fn has_work(&self) -> bool {
-        self.window.is_some() || self.pending.is_some() || self.previous.is_none() || self.open_own
+        self.window.is_some()
+            || self.pending.is_some()
+            || self.fresh.is_some()
+            || self.previous.is_none()
+            || self.open_own
     }
 
     /// The next batch in order, or an empty vector when there is nothing to read until the
@@ -259,6 +333,15 @@ impl PartitionReader {
         statements: &ReadStatements,
     ) -> Result<Vec<OutboxRow>> {
         loop {
+            if self.window.is_none()
+                && let Some((snapshot, fresh)) = self.fresh.take()
+            {
+                match self.take_fresh(snapshot, fresh) {
+                    Some(rows) if !rows.is_empty() => return Ok(rows),
+                    // All in flight already, or an entity was unparked (reread): go on.
+                    _ => continue,
+                }
+            }
             let window = match self.window.take() {
                 Some(w) => w,
                 None => match self.start_window(client, sql).await? {
@@ -455,7 +538,7 @@ impl PartitionReader {
 /// failure there means the table is not what the relay expects, an error for the caller. Any
 /// other column that cannot be decoded marks the row as undecodable (see
 /// [`OutboxRow::undecodable`]) instead of failing the batch or panicking.
-fn row_to_message(
+pub(crate) fn row_to_message(
     row: &tokio_postgres::Row,
 ) -> std::result::Result<OutboxRow, tokio_postgres::Error> {
     let mut problems: Vec<String> = Vec::new();
@@ -494,5 +577,103 @@ fn lenient<'r, T: tokio_postgres::types::FromSql<'r>>(
             problems.push(format!("column {name}: {e}"));
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64, entity: &str) -> OutboxRow {
+        OutboxRow {
+            id,
+            topic: "t".to_owned(),
+            entity_key: entity.to_owned(),
+            kafka_key: None,
+            kafka_partition: None,
+            payload: None,
+            header_names: Vec::new(),
+            header_values: Vec::new(),
+            event_type: None,
+            created_at_epoch: 0.0,
+            undecodable: None,
+        }
+    }
+
+    /// A reader whose last window ended at snapshot `previous`.
+    fn caught_up(previous: &str) -> PartitionReader {
+        let mut r = PartitionReader::new(3, 100);
+        r.reset(Incarnation::new("db"));
+        r.previous = Some(previous.to_owned());
+        r.parked_epoch = Some(1);
+        r
+    }
+
+    fn window(snapshot: &str, cursor: i64) -> Window {
+        Window {
+            snapshot: snapshot.to_owned(),
+            cursor,
+            incarnation: Incarnation::new("db"),
+        }
+    }
+
+    fn fresh(previous: &str, ids: &[i64], parked_epoch: i64) -> FreshRows {
+        FreshRows {
+            previous: previous.to_owned(),
+            rows: ids.iter().map(|&id| row(id, "e")).collect(),
+            parked_epoch: Some(parked_epoch),
+        }
+    }
+
+    #[test]
+    fn fresh_rows_stand_for_the_window_right_after_the_last_one_read() {
+        let mut r = caught_up("s1");
+        assert!(r.offer_fresh(window("s2", 9), Some(fresh("s1", &[10, 12], 1))));
+        assert!(r.has_work());
+        let (snapshot, f) = r.fresh.take().expect("taken as rows");
+        let rows = r.take_fresh(snapshot, f).expect("same parked epoch");
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![10, 12]);
+        assert_eq!(r.previous.as_deref(), Some("s2"));
+        assert_eq!(r.high_water, Some(12));
+        assert!(r.pending.is_none() && r.window.is_none());
+    }
+
+    #[test]
+    fn fresh_rows_after_another_snapshot_or_behind_a_pending_window_are_not_used() {
+        // The reader's last window ended elsewhere (its own first window, say): the rows
+        // would miss, or repeat, what was committed in between. The window is read instead.
+        let mut r = caught_up("s0");
+        assert!(r.offer_fresh(window("s2", 9), Some(fresh("s1", &[10], 1))));
+        assert!(r.fresh.is_none());
+        assert_eq!(r.pending, Some(window("s2", 9)));
+        // Rows after a window still pending (not read yet) are not used either.
+        let mut r = caught_up("s1");
+        r.offer(window("s2", 4));
+        assert!(r.offer_fresh(window("s3", 9), Some(fresh("s2", &[10], 1))));
+        assert!(r.fresh.is_none());
+        assert_eq!(r.pending.as_ref().map(|w| w.cursor), Some(4));
+        // More rows than a batch: read in batches instead.
+        let mut r = PartitionReader::new(3, 1);
+        r.reset(Incarnation::new("db"));
+        r.previous = Some("s1".to_owned());
+        assert!(r.offer_fresh(window("s2", 9), Some(fresh("s1", &[10, 11], 1))));
+        assert!(r.fresh.is_none());
+    }
+
+    #[test]
+    fn fresh_rows_skip_rows_in_flight_and_an_unpark_rereads() {
+        let mut r = caught_up("s1");
+        r.unsettled.insert(10);
+        r.offer_fresh(window("s2", 9), Some(fresh("s1", &[10, 11], 1)));
+        let (snapshot, f) = r.fresh.take().expect("rows");
+        let rows = r.take_fresh(snapshot, f).expect("same epoch");
+        assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![11]);
+        // The parked epoch moved (an entity was unparked): the partition is read from its
+        // start instead, the rows in flight still skipped.
+        r.offer_fresh(window("s3", 11), Some(fresh("s2", &[12], 2)));
+        let (snapshot, f) = r.fresh.take().expect("rows");
+        assert!(r.take_fresh(snapshot, f).is_none());
+        assert!(r.previous.is_none(), "reread from the start");
+        assert!(r.unsettled.contains(&10) && r.unsettled.contains(&11));
     }
 }

@@ -13,8 +13,9 @@ use tokio::sync::Notify;
 use tokio_postgres::Client;
 
 use crate::backoff::Backoff;
+use crate::ownership::Ownership;
 use crate::periodic::Periodic;
-use crate::pipeline::reader::Window;
+use crate::pipeline::reader::{FreshRows, Window, row_to_message};
 use crate::session::Incarnation;
 use crate::shutdown::Shutdown;
 use crate::sql::{SESSION_SETUP, Statements};
@@ -32,6 +33,9 @@ pub struct Mailbox {
 pub struct Delivered {
     /// A window to read, if new messages were committed.
     pub window: Option<Window>,
+    /// The window's rows, when the poller read them (small windows of partitions this
+    /// instance holds): the worker then need not read.
+    pub fresh: Option<FreshRows>,
     /// True when the partition must be reread from its start.
     pub reset: bool,
 }
@@ -44,13 +48,33 @@ impl Mailbox {
         }
     }
 
-    /// Leaves a window, merging it into one not yet taken.
-    pub fn offer(&self, window: Window) {
+    /// Leaves a window, with its rows when the poller read them, merging it into one not yet
+    /// taken. Rows of consecutive windows are joined (up to `MAX_FRESH_ROWS`); otherwise the
+    /// merged window goes without rows and the worker reads it.
+    pub fn offer(&self, window: Window, fresh: Option<FreshRows>) {
         {
-            let mut s = self.lock();
+            let mut guard = self.lock();
+            let s = &mut *guard;
             match &mut s.window {
-                Some(w) => w.merge(window),
-                None => s.window = Some(window),
+                Some(w) => {
+                    s.fresh = match (s.fresh.take(), fresh) {
+                        (Some(mut old), Some(new))
+                            if new.previous == w.snapshot
+                                && new.parked_epoch == old.parked_epoch
+                                && old.rows.len() + new.rows.len() <= MAX_FRESH_ROWS =>
+                        {
+                            old.rows.extend(new.rows);
+                            old.rows.sort_by_key(|r| r.id);
+                            Some(old)
+                        }
+                        _ => None,
+                    };
+                    w.merge(window);
+                }
+                None => {
+                    s.window = Some(window);
+                    s.fresh = fresh;
+                }
             }
         }
         self.notify.notify_one();
@@ -63,6 +87,7 @@ impl Mailbox {
             let mut s = self.lock();
             s.reset = true;
             s.window = None;
+            s.fresh = None;
         }
         self.notify.notify_one();
     }
@@ -77,6 +102,16 @@ impl Mailbox {
         self.notify.notified().await;
     }
 }
+
+/// The most rows a mailbox holds for its worker; a window with more is read by the worker.
+const MAX_FRESH_ROWS: usize = 64;
+
+/// The poller reads a window's rows for the worker (one statement for all partitions,
+/// instead of one read per partition) when it has at most this many rows...
+const FRESH_ROWS_PER_PARTITION: i64 = 64;
+
+/// ... and the windows it reads hold at most this many rows together.
+const FRESH_ROWS_PER_POLL: i64 = 2048;
 
 /// When the poller last succeeded, so workers can tell whether to rely on it.
 #[derive(Debug)]
@@ -192,6 +227,9 @@ pub struct Poller {
     pub health: Arc<crate::health::Health>,
     /// Where the poller reports that it is alive.
     pub pulse: Arc<PollerPulse>,
+    /// The leases this instance holds: the poller reads the rows of small windows only for
+    /// partitions whose worker works them now.
+    pub ownership: Arc<Ownership>,
     /// From [`initial_state`], taken before the workers started; `None` for a restarted
     /// poller, which starts from a fresh snapshot and has every worker reread its partition
     /// (commits made while no poller ran are announced by no window).
@@ -217,13 +255,14 @@ impl Poller {
             spawn,
             health,
             pulse,
+            ownership,
             start,
         } = self;
         let mut state = start;
         let mut periodic = Periodic::new(interval, shutdown);
         let mut backoff = Backoff::new(retry.0, retry.1);
-        // `poll_windows` prepared on the current connection.
-        let mut prepared: Option<tokio_postgres::Statement> = None;
+        // `poll_windows` and `read_fresh` prepared on the current connection.
+        let mut prepared: Option<(tokio_postgres::Statement, tokio_postgres::Statement)> = None;
         // Said once, not every tick.
         let mut warned_outside = false;
         // Quiet for longer than two of the longest backoffs plus a minute: stuck.
@@ -264,9 +303,15 @@ impl Poller {
                 continue;
             };
             if prepared.is_none() {
-                prepared = c.prepare(&sql.poll_windows).await.ok();
+                prepared = match (
+                    c.prepare(&sql.poll_windows).await,
+                    c.prepare(&sql.read_fresh).await,
+                ) {
+                    (Ok(poll), Ok(fresh)) => Some((poll, fresh)),
+                    _ => None,
+                };
             }
-            let Some(poll) = prepared.as_ref() else {
+            let Some((poll, read_fresh)) = prepared.as_ref() else {
                 client = None;
                 periodic.shutdown().sleep(backoff.next_delay()).await;
                 continue;
@@ -284,9 +329,11 @@ impl Poller {
                                 .map_err(crate::Error::pg("reading the poll"))?,
                             row.try_get::<_, Option<Vec<i64>>>(3)
                                 .map_err(crate::Error::pg("reading the poll"))?,
+                            row.try_get::<_, Option<Vec<i64>>>(4)
+                                .map_err(crate::Error::pg("reading the poll"))?,
                         ))
                     })();
-                    let (snapshot, parked_epoch, partitions, min_ids) = match decoded {
+                    let (snapshot, parked_epoch, partitions, min_ids, counts) = match decoded {
                         Ok(d) => d,
                         Err(e) => {
                             tracing::error!(error = %e, "wake-up poll answered something unusable; workers fall back to polling");
@@ -300,11 +347,18 @@ impl Poller {
                         current.parked_epoch = parked_epoch;
                         mailboxes.iter().for_each(|m| m.reset());
                     }
-                    for (p, min_id) in partitions
-                        .unwrap_or_default()
-                        .into_iter()
-                        .zip(min_ids.unwrap_or_default())
-                    {
+                    let partitions = partitions.unwrap_or_default();
+                    let mut fresh = read_windows(
+                        c,
+                        read_fresh,
+                        &current.snapshot,
+                        &snapshot,
+                        &partitions,
+                        &counts.unwrap_or_default(),
+                        &ownership,
+                    )
+                    .await;
+                    for (p, min_id) in partitions.into_iter().zip(min_ids.unwrap_or_default()) {
                         let Some(index) = usize::try_from(p).ok().filter(|&i| i < mailboxes.len())
                         else {
                             if !std::mem::replace(&mut warned_outside, true) {
@@ -315,11 +369,14 @@ impl Poller {
                             }
                             continue;
                         };
-                        mailboxes[index].offer(Window {
-                            snapshot: snapshot.clone(),
-                            cursor: min_id - 1,
-                            incarnation: current.incarnation.clone(),
-                        });
+                        mailboxes[index].offer(
+                            Window {
+                                snapshot: snapshot.clone(),
+                                cursor: min_id - 1,
+                                incarnation: current.incarnation.clone(),
+                            },
+                            fresh.remove(&p),
+                        );
                         if served.claim(index) {
                             // The new worker's first window is the whole partition; the
                             // window left here stays pending and reads nothing twice.
@@ -344,8 +401,152 @@ impl Poller {
     }
 }
 
+/// Reads the rows of the new windows of the partitions this instance holds, when they are
+/// small (see `Statements::read_fresh`), in one statement; by partition. Nothing when there
+/// are none or the statement fails (the workers then read their windows themselves).
+async fn read_windows(
+    client: &Client,
+    statement: &tokio_postgres::Statement,
+    previous: &str,
+    snapshot: &str,
+    partitions: &[i32],
+    counts: &[i64],
+    ownership: &Ownership,
+) -> std::collections::HashMap<i32, FreshRows> {
+    let mut wanted = Vec::new();
+    let mut total = 0;
+    for (&p, &n) in partitions.iter().zip(counts) {
+        if n <= FRESH_ROWS_PER_PARTITION
+            && total + n <= FRESH_ROWS_PER_POLL
+            && ownership.lease(p).is_some()
+        {
+            wanted.push(p);
+            total += n;
+        }
+    }
+    let mut by_partition = std::collections::HashMap::new();
+    if wanted.is_empty() {
+        return by_partition;
+    }
+    let rows = match client
+        .query(statement, &[&previous, &snapshot, &wanted])
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read the windows' rows; the workers read them");
+            return by_partition;
+        }
+    };
+    for p in &wanted {
+        by_partition.insert(
+            *p,
+            FreshRows {
+                previous: previous.to_owned(),
+                rows: Vec::new(),
+                parked_epoch: None,
+            },
+        );
+    }
+    for row in &rows {
+        let (Ok(p), Ok(epoch), Ok(message)) = (
+            row.try_get::<_, i32>(FRESH_PARTITION_COLUMN),
+            row.try_get::<_, Option<i64>>(crate::pipeline::reader::PARKED_EPOCH_COLUMN),
+            row_to_message(row),
+        ) else {
+            // Something unexpected: let the workers read for themselves this time.
+            return std::collections::HashMap::new();
+        };
+        if let Some(f) = by_partition.get_mut(&p) {
+            f.parked_epoch = epoch;
+            f.rows.push(message);
+        }
+    }
+    by_partition
+}
+
+/// The column of `read_fresh` that carries the partition (after the batch read's columns).
+const FRESH_PARTITION_COLUMN: usize = crate::pipeline::reader::PARKED_EPOCH_COLUMN + 1;
+
 async fn reconnect(database: &crate::connect::Database) -> Option<Client> {
     crate::session::connect(database, SESSION_SETUP, "wake-up poller")
         .await
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::reader::OutboxRow;
+
+    fn window(snapshot: &str, cursor: i64) -> Window {
+        Window {
+            snapshot: snapshot.to_owned(),
+            cursor,
+            incarnation: Incarnation::new("db"),
+        }
+    }
+
+    fn fresh(previous: &str, ids: &[i64]) -> FreshRows {
+        FreshRows {
+            previous: previous.to_owned(),
+            rows: ids
+                .iter()
+                .map(|&id| OutboxRow {
+                    id,
+                    topic: "t".into(),
+                    entity_key: "e".into(),
+                    kafka_key: None,
+                    kafka_partition: None,
+                    payload: None,
+                    header_names: Vec::new(),
+                    header_values: Vec::new(),
+                    event_type: None,
+                    created_at_epoch: 0.0,
+                    undecodable: None,
+                })
+                .collect(),
+            parked_epoch: Some(1),
+        }
+    }
+
+    fn ids(d: &Delivered) -> Option<Vec<i64>> {
+        d.fresh
+            .as_ref()
+            .map(|f| f.rows.iter().map(|r| r.id).collect())
+    }
+
+    #[test]
+    fn rows_of_consecutive_windows_join_and_others_fall_back_to_a_read() {
+        let m = Mailbox::default();
+        m.offer(window("s2", 9), Some(fresh("s1", &[10, 12])));
+        m.offer(window("s3", 10), Some(fresh("s2", &[11, 13])));
+        let d = m.take();
+        assert_eq!(d.window, Some(window("s3", 9)));
+        assert_eq!(ids(&d), Some(vec![10, 11, 12, 13]));
+        assert_eq!(d.fresh.map(|f| f.previous), Some("s1".to_owned()));
+        // A window without rows in between: the merged window is read by the worker.
+        m.offer(window("s4", 20), Some(fresh("s3", &[21])));
+        m.offer(window("s5", 22), None);
+        m.offer(window("s6", 24), Some(fresh("s5", &[25])));
+        let d = m.take();
+        assert_eq!(d.window, Some(window("s6", 20)));
+        assert_eq!(ids(&d), None);
+        // A reset drops both.
+        m.offer(window("s7", 30), Some(fresh("s6", &[31])));
+        m.reset();
+        let d = m.take();
+        assert!(d.reset && d.window.is_none() && d.fresh.is_none());
+    }
+
+    #[test]
+    fn a_mailbox_holds_a_bounded_number_of_rows() {
+        let m = Mailbox::default();
+        let many: Vec<i64> = (1..=MAX_FRESH_ROWS as i64).collect();
+        m.offer(window("s2", 0), Some(fresh("s1", &many)));
+        m.offer(window("s3", 100), Some(fresh("s2", &[1000])));
+        let d = m.take();
+        assert_eq!(ids(&d), None, "over the bound: the worker reads the window");
+        assert_eq!(d.window, Some(window("s3", 0)));
+    }
 }

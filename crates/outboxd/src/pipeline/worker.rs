@@ -372,7 +372,7 @@ impl Worker<'_> {
                 reader.reread();
             }
             if let Some(window) = delivered.window
-                && !reader.offer(window)
+                && !reader.offer_fresh(window, delivered.fresh)
             {
                 tracing::debug!(
                     partition = self.partition,
