@@ -265,6 +265,12 @@ impl Poller {
         let mut prepared: Option<(tokio_postgres::Statement, tokio_postgres::Statement)> = None;
         // Said once, not every tick.
         let mut warned_outside = false;
+        // The snapshot of the last window handed to each partition. A partition the poller
+        // found no new rows in since then has none committed between that snapshot and the
+        // previous one, so the rows it reads now follow that window directly: that is what
+        // a worker's reader compares with the end of its last window.
+        let mut last_window: std::collections::HashMap<i32, String> =
+            std::collections::HashMap::new();
         // Quiet for longer than two of the longest backoffs plus a minute: stuck.
         let allowance = retry.1 * 2 + Duration::from_secs(60);
         while periodic.tick().await {
@@ -293,6 +299,7 @@ impl Poller {
                             ),
                         }
                         state = Some(fresh);
+                        last_window.clear();
                         mailboxes.iter().for_each(|m| m.reset());
                     }
                     (Err(()), _) => {
@@ -345,6 +352,7 @@ impl Poller {
                     health.set_task("wake-up poller", None);
                     if parked_epoch != current.parked_epoch {
                         current.parked_epoch = parked_epoch;
+                        last_window.clear();
                         mailboxes.iter().for_each(|m| m.reset());
                     }
                     let partitions = partitions.unwrap_or_default();
@@ -369,13 +377,20 @@ impl Poller {
                             }
                             continue;
                         };
+                        let rows = fresh.remove(&p).map(|mut f| {
+                            if let Some(previous) = last_window.get(&p) {
+                                f.previous.clone_from(previous);
+                            }
+                            f
+                        });
+                        last_window.insert(p, snapshot.clone());
                         mailboxes[index].offer(
                             Window {
                                 snapshot: snapshot.clone(),
                                 cursor: min_id - 1,
                                 incarnation: current.incarnation.clone(),
                             },
-                            fresh.remove(&p),
+                            rows,
                         );
                         if served.claim(index) {
                             // The new worker's first window is the whole partition; the
