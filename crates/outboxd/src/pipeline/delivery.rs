@@ -185,6 +185,11 @@ impl Worker<'_> {
                         if let Some(outcome) = self.refused(first, &fault, &mut pending).await? {
                             return Ok((acked, outcome));
                         }
+                        if ctx.config.policy_for(&first.topic) == ErrorPolicy::ParkEntity {
+                            // Rows the poller read before now may hold the entity's later
+                            // messages: the worker stops using them.
+                            self.parked_at = Some(std::time::Instant::now());
+                        }
                     }
                     Verdict::Retry(e) => retry = Some((first.id, e)),
                 }

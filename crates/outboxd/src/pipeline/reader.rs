@@ -28,6 +28,7 @@
 //! should the poller stall the reader opens its own window from its last snapshot.
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use tokio_postgres::{Client, Statement};
 
@@ -101,6 +102,10 @@ pub struct FreshRows {
     pub rows: Vec<OutboxRow>,
     /// `settings.parked_epoch` as the statement that read them saw it.
     pub parked_epoch: Option<i64>,
+    /// When the statement that read them started: rows read before this worker parked an
+    /// entity may hold that entity's later messages (see
+    /// [`PartitionReader::refuse_fresh_read_before`]).
+    pub read_at: Instant,
 }
 
 /// The read state of one partition, owned by that partition's worker.
@@ -136,7 +141,10 @@ pub struct PartitionReader {
     unsettled: HashSet<i64>,
     /// The next window's rows as the poller read them, with the window's snapshot: taken
     /// instead of a read when this reader's last window ended at the snapshot they follow.
-    fresh: Option<(String, FreshRows)>,
+    fresh: Option<(Window, FreshRows)>,
+    /// Rows the poller read before this instant are not used (see
+    /// [`PartitionReader::refuse_fresh_read_before`]).
+    fresh_not_before: Option<Instant>,
 }
 
 /// The column of a batch read that carries `settings.parked_epoch` (after the row columns).
@@ -191,6 +199,7 @@ impl PartitionReader {
             parked_epoch: None,
             unsettled: HashSet::new(),
             fresh: None,
+            fresh_not_before: None,
         }
     }
 
@@ -274,17 +283,34 @@ impl PartitionReader {
             && self.late.is_none()
             && self.previous.as_deref() == Some(f.previous.as_str())
             && f.rows.len() as i64 <= self.batch_size
+            && self.fresh_not_before.is_none_or(|t| f.read_at >= t)
         {
-            self.fresh = Some((window.snapshot, f));
+            self.fresh = Some((window, f));
             return true;
         }
         self.offer(window)
     }
 
+    /// Stops using rows the poller read before `t`, the moment this worker parked an entity:
+    /// those rows may hold the entity's later messages, which must now wait until it is
+    /// unparked (reads leave parked entities out; rows read before the park do not). Rows
+    /// already handed over go back to being a window to read.
+    pub fn refuse_fresh_read_before(&mut self, t: Instant) {
+        self.fresh_not_before = Some(t);
+        if self.fresh.as_ref().is_some_and(|(_, f)| f.read_at < t)
+            && let Some((mut window, _)) = self.fresh.take()
+        {
+            if let Some(later) = self.pending.take() {
+                window.merge(later);
+            }
+            self.pending = Some(window);
+        }
+    }
+
     /// Takes the rows the poller read as the next window (see `offer_fresh`): `None` when
     /// the parked epoch changed since this reader started from the partition's start (an
     /// entity was unparked: it rereads, as `fetch` does), else the rows not in flight.
-    fn take_fresh(&mut self, snapshot: String, fresh: FreshRows) -> Option<Vec<OutboxRow>> {
+    fn take_fresh(&mut self, window: Window, fresh: FreshRows) -> Option<Vec<OutboxRow>> {
         if !fresh.rows.is_empty() {
             match (self.parked_epoch, fresh.parked_epoch) {
                 (Some(seen), Some(now)) if seen != now => {
@@ -295,7 +321,7 @@ impl PartitionReader {
                 _ => {}
             }
         }
-        self.previous = Some(snapshot);
+        self.previous = Some(window.snapshot);
         if let Some(last) = fresh.rows.iter().map(|r| r.id).max() {
             self.high_water = Some(self.high_water.map_or(last, |h| h.max(last)));
         }
@@ -334,9 +360,9 @@ impl PartitionReader {
     ) -> Result<Vec<OutboxRow>> {
         loop {
             if self.window.is_none()
-                && let Some((snapshot, fresh)) = self.fresh.take()
+                && let Some((window, fresh)) = self.fresh.take()
             {
-                match self.take_fresh(snapshot, fresh) {
+                match self.take_fresh(window, fresh) {
                     Some(rows) if !rows.is_empty() => return Ok(rows),
                     // All in flight already, or an entity was unparked (reread): go on.
                     _ => continue,
@@ -622,6 +648,7 @@ mod tests {
             previous: previous.to_owned(),
             rows: ids.iter().map(|&id| row(id, "e")).collect(),
             parked_epoch: Some(parked_epoch),
+            read_at: Instant::now(),
         }
     }
 
@@ -630,8 +657,8 @@ mod tests {
         let mut r = caught_up("s1");
         assert!(r.offer_fresh(window("s2", 9), Some(fresh("s1", &[10, 12], 1))));
         assert!(r.has_work());
-        let (snapshot, f) = r.fresh.take().expect("taken as rows");
-        let rows = r.take_fresh(snapshot, f).expect("same parked epoch");
+        let (w, f) = r.fresh.take().expect("taken as rows");
+        let rows = r.take_fresh(w, f).expect("same parked epoch");
         assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![10, 12]);
         assert_eq!(r.previous.as_deref(), Some("s2"));
         assert_eq!(r.high_water, Some(12));
@@ -665,15 +692,39 @@ mod tests {
         let mut r = caught_up("s1");
         r.unsettled.insert(10);
         r.offer_fresh(window("s2", 9), Some(fresh("s1", &[10, 11], 1)));
-        let (snapshot, f) = r.fresh.take().expect("rows");
-        let rows = r.take_fresh(snapshot, f).expect("same epoch");
+        let (w, f) = r.fresh.take().expect("rows");
+        let rows = r.take_fresh(w, f).expect("same epoch");
         assert_eq!(rows.iter().map(|r| r.id).collect::<Vec<_>>(), vec![11]);
         // The parked epoch moved (an entity was unparked): the partition is read from its
         // start instead, the rows in flight still skipped.
         r.offer_fresh(window("s3", 11), Some(fresh("s2", &[12], 2)));
-        let (snapshot, f) = r.fresh.take().expect("rows");
-        assert!(r.take_fresh(snapshot, f).is_none());
+        let (w, f) = r.fresh.take().expect("rows");
+        assert!(r.take_fresh(w, f).is_none());
         assert!(r.previous.is_none(), "reread from the start");
         assert!(r.unsettled.contains(&10) && r.unsettled.contains(&11));
+    }
+
+    #[test]
+    fn rows_read_before_a_park_are_not_used_and_their_window_is_read() {
+        // The poller read rows (with the entity's later messages), then this worker parked
+        // the entity: those rows must not go out; the window they stood for is read instead.
+        let mut r = caught_up("s1");
+        let stale = fresh("s1", &[10, 11], 1);
+        assert!(r.offer_fresh(window("s2", 9), Some(stale)));
+        r.offer(window("s3", 12));
+        r.refuse_fresh_read_before(Instant::now());
+        assert!(r.fresh.is_none());
+        assert_eq!(r.pending, Some(window("s3", 9)), "both windows, to read");
+        // Rows read before the park and handed over after it are not used either; rows read
+        // after it are.
+        let mut r = caught_up("s1");
+        let before = fresh("s1", &[10], 1);
+        r.refuse_fresh_read_before(Instant::now());
+        assert!(r.offer_fresh(window("s2", 9), Some(before)));
+        assert!(r.fresh.is_none() && r.pending.is_some());
+        let mut r = caught_up("s1");
+        r.refuse_fresh_read_before(Instant::now());
+        assert!(r.offer_fresh(window("s2", 9), Some(fresh("s1", &[10], 1))));
+        assert!(r.fresh.is_some());
     }
 }

@@ -443,6 +443,7 @@ async fn read_windows(
     if wanted.is_empty() {
         return by_partition;
     }
+    let read_at = std::time::Instant::now();
     let rows = match client
         .query(statement, &[&previous, &snapshot, &wanted])
         .await
@@ -460,6 +461,7 @@ async fn read_windows(
                 previous: previous.to_owned(),
                 rows: Vec::new(),
                 parked_epoch: None,
+                read_at,
             },
         );
     }
@@ -522,6 +524,7 @@ mod tests {
                 })
                 .collect(),
             parked_epoch: Some(1),
+            read_at: Instant::now(),
         }
     }
 

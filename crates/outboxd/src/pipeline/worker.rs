@@ -84,6 +84,8 @@ pub(crate) struct Worker<'a> {
     pub(crate) ctx: &'a WorkerContext,
     pub(crate) metrics: PartitionMetrics,
     shutdown: Shutdown,
+    /// When this worker last parked an entity (see `PartitionReader::refuse_fresh_read_before`).
+    pub(crate) parked_at: Option<Instant>,
 }
 
 /// The lease this worker holds, recorded in `Ownership` (for renewal and `/health`) for as long
@@ -115,6 +117,7 @@ pub async fn run_worker(
         metrics: PartitionMetrics::new(&ctx.config.schema, partition),
         ctx: &ctx,
         shutdown,
+        parked_at: None,
     };
     let mut reconnect = Backoff::new(ctx.config.retry_initial(), ctx.config.retry_max());
     let mut reader = PartitionReader::new(partition, ctx.config.batch_size);
@@ -366,6 +369,9 @@ impl Worker<'_> {
                     Ok(_) => Exit::Release,
                     Err(e) => Exit::Reconnect(e),
                 };
+            }
+            if let Some(t) = self.parked_at {
+                reader.refuse_fresh_read_before(t);
             }
             let delivered = mailbox.take();
             if delivered.reset {
