@@ -402,19 +402,7 @@ mod tests {
     use super::*;
 
     fn row(id: i64, entity: &str, topic: &str) -> OutboxRow {
-        OutboxRow {
-            id,
-            topic: topic.to_owned(),
-            entity_key: entity.to_owned(),
-            kafka_key: None,
-            kafka_partition: None,
-            payload: None,
-            header_names: Vec::new(),
-            header_values: Vec::new(),
-            event_type: None,
-            created_at_epoch: 0.0,
-            undecodable: None,
-        }
+        OutboxRow::for_tests(id, entity, topic)
     }
 
     fn ids(round: &[&OutboxRow]) -> Vec<i64> {

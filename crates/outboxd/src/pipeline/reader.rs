@@ -65,6 +65,26 @@ pub struct OutboxRow {
     pub undecodable: Option<String>,
 }
 
+#[cfg(test)]
+impl OutboxRow {
+    /// A plain row for unit tests: `entity`'s message `id` to `topic`, nothing else set.
+    pub(crate) fn for_tests(id: i64, entity: &str, topic: &str) -> OutboxRow {
+        OutboxRow {
+            id,
+            topic: topic.to_owned(),
+            entity_key: entity.to_owned(),
+            kafka_key: None,
+            kafka_partition: None,
+            payload: None,
+            header_names: Vec::new(),
+            header_values: Vec::new(),
+            event_type: None,
+            created_at_epoch: 0.0,
+            undecodable: None,
+        }
+    }
+}
+
 /// A read window: rows committed in `snapshot` with an id above `cursor`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
@@ -611,19 +631,7 @@ mod tests {
     use super::*;
 
     fn row(id: i64, entity: &str) -> OutboxRow {
-        OutboxRow {
-            id,
-            topic: "t".to_owned(),
-            entity_key: entity.to_owned(),
-            kafka_key: None,
-            kafka_partition: None,
-            payload: None,
-            header_names: Vec::new(),
-            header_values: Vec::new(),
-            event_type: None,
-            created_at_epoch: 0.0,
-            undecodable: None,
-        }
+        OutboxRow::for_tests(id, entity, "t")
     }
 
     /// A reader whose last window ended at snapshot `previous`.

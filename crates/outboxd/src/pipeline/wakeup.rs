@@ -509,19 +509,7 @@ mod tests {
             previous: previous.to_owned(),
             rows: ids
                 .iter()
-                .map(|&id| OutboxRow {
-                    id,
-                    topic: "t".into(),
-                    entity_key: "e".into(),
-                    kafka_key: None,
-                    kafka_partition: None,
-                    payload: None,
-                    header_names: Vec::new(),
-                    header_values: Vec::new(),
-                    event_type: None,
-                    created_at_epoch: 0.0,
-                    undecodable: None,
-                })
+                .map(|&id| OutboxRow::for_tests(id, "e", "t"))
                 .collect(),
             parked_epoch: Some(1),
             read_at: Instant::now(),
