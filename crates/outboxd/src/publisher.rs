@@ -433,11 +433,8 @@ impl Publisher {
     /// When a row cannot even be enqueued, the rows after it are not sent (`Sent::NotSent`):
     /// nothing may go out ahead of it.
     pub async fn send(&self, rows: &[&OutboxRow]) -> Vec<Sent> {
-        match self.start(rows, None).await {
-            Ok(sending) => self.finish(sending).await,
-            // Without an earlier send to match, `start` always enqueues.
-            Err(NotSameProducer) => rows.iter().map(|_| Sent::NotSent).collect(),
-        }
+        let sending = enqueue_all(self.current(), rows).await;
+        self.finish(sending).await
     }
 
     /// Enqueues `rows` in order on the main producer without waiting for their
@@ -457,23 +454,7 @@ impl Publisher {
         {
             return Err(NotSameProducer);
         }
-        let mut deliveries = Vec::with_capacity(rows.len());
-        let mut refused = None;
-        for row in rows {
-            match enqueue(&producer, row).await {
-                Ok(d) => deliveries.push(d),
-                Err(e) => {
-                    refused = Some(e);
-                    break;
-                }
-            }
-        }
-        Ok(Sending {
-            producer,
-            deliveries,
-            refused,
-            rows: rows.len(),
-        })
+        Ok(enqueue_all(producer, rows).await)
     }
 
     /// Waits for the acknowledgements of an enqueued send: one [`Sent`] per row, in order.
@@ -644,6 +625,27 @@ fn classify(error: &KafkaError) -> Refusal {
             | C::InvalidTopic,
         ) => Refusal::Permanent,
         _ => Refusal::Retriable,
+    }
+}
+
+/// Enqueues `rows` in order on `producer`, up to the first one it refuses.
+async fn enqueue_all(producer: Arc<Producer2>, rows: &[&OutboxRow]) -> Sending {
+    let mut deliveries = Vec::with_capacity(rows.len());
+    let mut refused = None;
+    for row in rows {
+        match enqueue(&producer, row).await {
+            Ok(d) => deliveries.push(d),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    Sending {
+        producer,
+        deliveries,
+        refused,
+        rows: rows.len(),
     }
 }
 

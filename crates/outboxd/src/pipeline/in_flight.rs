@@ -281,12 +281,18 @@ mod tests {
         ProducerHandle::for_tests()
     }
 
+    /// Adds a batch, fully enqueued, that Kafka acknowledges whole.
+    fn push_acked(q: &mut InFlight<'_>, rows: Vec<OutboxRow>) {
+        let n = rows.len();
+        q.push(rows, Instant::now(), producer(), true, Box::pin(acked(n)));
+    }
+
     #[tokio::test]
     async fn an_entity_keeps_its_lane_across_batches_in_flight() {
         let mut q = InFlight::new(4, 1000);
         let first = vec![row(1, "a", "t1"), row(2, "b", "t1")];
         assert!(q.admits(&first, None, |_| true));
-        q.push(first, Instant::now(), producer(), true, Box::pin(acked(2)));
+        push_acked(&mut q, first);
         // a's next message goes to another topic: it must wait for 1's acknowledgement.
         assert!(!q.admits(&[row(3, "a", "t2")], None, |_| true));
         // Same lane, or an entity with nothing in flight: may go.
@@ -304,13 +310,7 @@ mod tests {
         let unknown = |r: &OutboxRow| r.topic != "new";
         // Alone, a batch for a new topic goes (nothing is behind it).
         assert!(q.admits(&[row(1, "a", "new")], None, unknown));
-        q.push(
-            vec![row(1, "a", "old")],
-            Instant::now(),
-            producer(),
-            true,
-            Box::pin(acked(1)),
-        );
+        push_acked(&mut q, vec![row(1, "a", "old")]);
         assert!(!q.admits(&[row(2, "b", "new")], None, unknown));
         assert!(q.admits(&[row(2, "b", "old")], None, unknown));
     }
@@ -331,21 +331,9 @@ mod tests {
     #[tokio::test]
     async fn the_depth_bounds_the_pipeline_and_a_partial_enqueue_closes_it() {
         let mut q = InFlight::new(2, 1000);
-        q.push(
-            vec![row(1, "a", "t")],
-            Instant::now(),
-            producer(),
-            true,
-            Box::pin(acked(1)),
-        );
+        push_acked(&mut q, vec![row(1, "a", "t")]);
         assert!(q.has_room());
-        q.push(
-            vec![row(2, "b", "t")],
-            Instant::now(),
-            producer(),
-            true,
-            Box::pin(acked(1)),
-        );
+        push_acked(&mut q, vec![row(2, "b", "t")]);
         assert!(!q.has_room());
         assert!(!q.admits(&[row(3, "c", "t")], None, |_| true));
         let _ = q.next_done().await;
@@ -369,21 +357,9 @@ mod tests {
     #[tokio::test]
     async fn a_full_batch_in_flight_leaves_no_room_for_another() {
         let mut q = InFlight::new(4, 3);
-        q.push(
-            vec![row(1, "a", "t"), row(2, "b", "t")],
-            Instant::now(),
-            producer(),
-            true,
-            Box::pin(acked(2)),
-        );
+        push_acked(&mut q, vec![row(1, "a", "t"), row(2, "b", "t")]);
         assert!(q.has_room(), "two rows of at most three");
-        q.push(
-            vec![row(3, "c", "t")],
-            Instant::now(),
-            producer(),
-            true,
-            Box::pin(acked(1)),
-        );
+        push_acked(&mut q, vec![row(3, "c", "t")]);
         assert!(!q.has_room(), "a batch's worth in flight");
         let _ = q.next_done().await;
         assert!(q.has_room());
@@ -417,13 +393,7 @@ mod tests {
                 vec![Sent::Acked]
             }),
         );
-        q.push(
-            vec![row(2, "b", "t")],
-            Instant::now(),
-            producer(),
-            true,
-            Box::pin(acked(1)),
-        );
+        push_acked(&mut q, vec![row(2, "b", "t")]);
         // The second batch is acknowledged first, but the first is not: nothing is taken.
         assert!(q.take_if_acked().is_none());
         tx.send(()).expect("receiver alive");

@@ -260,11 +260,6 @@ impl PartitionReader {
         }
     }
 
-    /// How many returned rows are not settled yet.
-    pub fn unsettled(&self) -> usize {
-        self.unsettled.len()
-    }
-
     /// The incarnation of the database this reader's windows belong to.
     pub fn incarnation(&self) -> &Incarnation {
         &self.incarnation
