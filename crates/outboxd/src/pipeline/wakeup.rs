@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 use crate::backoff::Backoff;
 use crate::ownership::Ownership;
 use crate::periodic::Periodic;
-use crate::pipeline::reader::{FreshRows, Window, row_to_message};
+use crate::pipeline::reader::{FreshRows, PARKED_EPOCH_COLUMN, Window, row_to_message};
 use crate::session::Incarnation;
 use crate::shutdown::Shutdown;
 use crate::sql::{SESSION_SETUP, Statements};
@@ -261,8 +261,8 @@ impl Poller {
         let mut state = start;
         let mut periodic = Periodic::new(interval, shutdown);
         let mut backoff = Backoff::new(retry.0, retry.1);
-        // `poll_windows` and `read_fresh` prepared on the current connection.
-        let mut prepared: Option<(tokio_postgres::Statement, tokio_postgres::Statement)> = None;
+        // `poll_windows` prepared on the current connection.
+        let mut prepared: Option<tokio_postgres::Statement> = None;
         // Said once, not every tick.
         let mut warned_outside = false;
         // The snapshot of the last window handed to each partition. A partition the poller
@@ -310,38 +310,33 @@ impl Poller {
                 continue;
             };
             if prepared.is_none() {
-                prepared = match (
-                    c.prepare(&sql.poll_windows).await,
-                    c.prepare(&sql.read_fresh).await,
-                ) {
-                    (Ok(poll), Ok(fresh)) => Some((poll, fresh)),
-                    _ => None,
-                };
+                prepared = c.prepare(&sql.poll_windows).await.ok();
             }
-            let Some((poll, read_fresh)) = prepared.as_ref() else {
+            let Some(poll) = prepared.as_ref() else {
                 client = None;
                 periodic.shutdown().sleep(backoff.next_delay()).await;
                 continue;
             };
-            match c.query_one(poll, &[&current.snapshot]).await {
-                Ok(row) => {
+            let held: Vec<i32> = ownership.leases().into_keys().collect();
+            // Before the statement, so no later than its snapshot (see `FreshRows::read_at`).
+            let read_at = Instant::now();
+            match c
+                .query(
+                    poll,
+                    &[
+                        &current.snapshot,
+                        &held,
+                        &FRESH_ROWS_PER_PARTITION,
+                        &FRESH_ROWS_PER_POLL,
+                    ],
+                )
+                .await
+            {
+                Ok(rows) => {
                     backoff.reset();
                     pulse.beat();
-                    let decoded = (|| {
-                        Ok::<_, crate::Error>((
-                            row.try_get::<_, String>(0)
-                                .map_err(crate::Error::pg("reading the poll"))?,
-                            parked_epoch(&row, 1)?,
-                            row.try_get::<_, Option<Vec<i32>>>(2)
-                                .map_err(crate::Error::pg("reading the poll"))?,
-                            row.try_get::<_, Option<Vec<i64>>>(3)
-                                .map_err(crate::Error::pg("reading the poll"))?,
-                            row.try_get::<_, Option<Vec<i64>>>(4)
-                                .map_err(crate::Error::pg("reading the poll"))?,
-                        ))
-                    })();
-                    let (snapshot, parked_epoch, partitions, min_ids, counts) = match decoded {
-                        Ok(d) => d,
+                    let polled = match Polled::decode(&rows, &current.snapshot, read_at) {
+                        Ok(p) => p,
                         Err(e) => {
                             tracing::error!(error = %e, "wake-up poll answered something unusable; workers fall back to polling");
                             health.set_task("wake-up poller", Some(format!("cannot poll: {e}")));
@@ -350,23 +345,12 @@ impl Poller {
                         }
                     };
                     health.set_task("wake-up poller", None);
-                    if parked_epoch != current.parked_epoch {
-                        current.parked_epoch = parked_epoch;
+                    if polled.parked_epoch != current.parked_epoch {
+                        current.parked_epoch = polled.parked_epoch;
                         last_window.clear();
                         mailboxes.iter().for_each(|m| m.reset());
                     }
-                    let partitions = partitions.unwrap_or_default();
-                    let mut fresh = read_windows(
-                        c,
-                        read_fresh,
-                        &current.snapshot,
-                        &snapshot,
-                        &partitions,
-                        &counts.unwrap_or_default(),
-                        &ownership,
-                    )
-                    .await;
-                    for (p, min_id) in partitions.into_iter().zip(min_ids.unwrap_or_default()) {
+                    for (p, min_id, rows) in polled.windows {
                         let Some(index) = usize::try_from(p).ok().filter(|&i| i < mailboxes.len())
                         else {
                             if !std::mem::replace(&mut warned_outside, true) {
@@ -377,16 +361,16 @@ impl Poller {
                             }
                             continue;
                         };
-                        let rows = fresh.remove(&p).map(|mut f| {
+                        let rows = rows.map(|mut f| {
                             if let Some(previous) = last_window.get(&p) {
                                 f.previous.clone_from(previous);
                             }
                             f
                         });
-                        last_window.insert(p, snapshot.clone());
+                        last_window.insert(p, polled.snapshot.clone());
                         mailboxes[index].offer(
                             Window {
-                                snapshot: snapshot.clone(),
+                                snapshot: polled.snapshot.clone(),
                                 cursor: min_id - 1,
                                 incarnation: current.incarnation.clone(),
                             },
@@ -398,7 +382,7 @@ impl Poller {
                             let _ = spawn.send(p);
                         }
                     }
-                    current.snapshot = snapshot;
+                    current.snapshot = polled.snapshot;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "wake-up poll failed; workers fall back to polling");
@@ -416,74 +400,73 @@ impl Poller {
     }
 }
 
-/// Reads the rows of the new windows of the partitions this instance holds, when they are
-/// small (see `Statements::read_fresh`), in one statement; by partition. Nothing when there
-/// are none or the statement fails (the workers then read their windows themselves).
-async fn read_windows(
-    client: &Client,
-    statement: &tokio_postgres::Statement,
-    previous: &str,
-    snapshot: &str,
-    partitions: &[i32],
-    counts: &[i64],
-    ownership: &Ownership,
-) -> std::collections::HashMap<i32, FreshRows> {
-    let mut wanted = Vec::new();
-    let mut total = 0;
-    for (&p, &n) in partitions.iter().zip(counts) {
-        if n <= FRESH_ROWS_PER_PARTITION
-            && total + n <= FRESH_ROWS_PER_POLL
-            && ownership.lease(p).is_some()
-        {
-            wanted.push(p);
-            total += n;
-        }
-    }
-    let mut by_partition = std::collections::HashMap::new();
-    if wanted.is_empty() {
-        return by_partition;
-    }
-    let read_at = std::time::Instant::now();
-    let rows = match client
-        .query(statement, &[&previous, &snapshot, &wanted])
-        .await
-    {
-        Ok(rows) => rows,
-        Err(e) => {
-            tracing::debug!(error = %e, "could not read the windows' rows; the workers read them");
-            return by_partition;
-        }
-    };
-    for p in &wanted {
-        by_partition.insert(
-            *p,
-            FreshRows {
-                previous: previous.to_owned(),
-                rows: Vec::new(),
-                parked_epoch: None,
-                read_at,
-            },
-        );
-    }
-    for row in &rows {
-        let (Ok(p), Ok(epoch), Ok(message)) = (
-            row.try_get::<_, i32>(FRESH_PARTITION_COLUMN),
-            row.try_get::<_, Option<i64>>(crate::pipeline::reader::PARKED_EPOCH_COLUMN),
-            row_to_message(row),
-        ) else {
-            // Something unexpected: let the workers read for themselves this time.
-            return std::collections::HashMap::new();
-        };
-        if let Some(f) = by_partition.get_mut(&p) {
-            f.parked_epoch = epoch;
-            f.rows.push(message);
-        }
-    }
-    by_partition
+/// What one poll found: the new snapshot, the parked epoch, and each partition's window
+/// (partition, smallest new id) with its rows when the poll read them.
+#[derive(Debug)]
+struct Polled {
+    snapshot: String,
+    parked_epoch: i64,
+    windows: Vec<(i32, i64, Option<FreshRows>)>,
 }
 
-/// The column of `read_fresh` that carries the partition (after the batch read's columns).
-const FRESH_PARTITION_COLUMN: usize = crate::pipeline::reader::PARKED_EPOCH_COLUMN + 1;
+/// The columns of `poll_windows` after the batch read's (see `Statements::poll_windows`).
+const POLL_PARTITION: usize = PARKED_EPOCH_COLUMN + 1;
+const POLL_MIN_ID: usize = PARKED_EPOCH_COLUMN + 2;
+const POLL_LISTED_ID: usize = PARKED_EPOCH_COLUMN + 4;
+const POLL_SNAPSHOT: usize = PARKED_EPOCH_COLUMN + 5;
+
+impl Polled {
+    /// Decodes `poll_windows`' rows, polled after the snapshot `previous` with the statement
+    /// sent at `read_at`. Rows come by partition and id.
+    fn decode(
+        rows: &[tokio_postgres::Row],
+        previous: &str,
+        read_at: Instant,
+    ) -> crate::Result<Polled> {
+        let unusable = |e| crate::Error::pg("reading the poll")(e);
+        // The statement returns at least one row by construction (a LEFT JOIN from the
+        // one-row current snapshot).
+        let first = rows
+            .first()
+            .ok_or_else(|| crate::Error::NotFound("the wake-up poll's row".to_owned()))?;
+        let mut polled = Polled {
+            snapshot: first.try_get(POLL_SNAPSHOT).map_err(&unusable)?,
+            parked_epoch: parked_epoch(first, PARKED_EPOCH_COLUMN)?,
+            windows: Vec::new(),
+        };
+        for row in rows {
+            let Some(partition) = row
+                .try_get::<_, Option<i32>>(POLL_PARTITION)
+                .map_err(&unusable)?
+            else {
+                continue; // no partition has new messages
+            };
+            if polled.windows.last().is_none_or(|w| w.0 != partition) {
+                let min_id: i64 = row.try_get(POLL_MIN_ID).map_err(&unusable)?;
+                let listed = row
+                    .try_get::<_, Option<i64>>(POLL_LISTED_ID)
+                    .map_err(&unusable)?;
+                let fresh = listed.map(|_| FreshRows {
+                    previous: previous.to_owned(),
+                    rows: Vec::new(),
+                    parked_epoch: Some(polled.parked_epoch),
+                    read_at,
+                });
+                polled.windows.push((partition, min_id, fresh));
+            }
+            // A read row of a parked entity has no message columns.
+            if row
+                .try_get::<_, Option<i64>>(0)
+                .map_err(&unusable)?
+                .is_some()
+                && let Some((_, _, Some(fresh))) = polled.windows.last_mut()
+            {
+                fresh.rows.push(row_to_message(row).map_err(&unusable)?);
+            }
+        }
+        Ok(polled)
+    }
+}
 
 async fn reconnect(database: &crate::connect::Database) -> Option<Client> {
     crate::session::connect(database, SESSION_SETUP, "wake-up poller")

@@ -122,7 +122,12 @@ async fn costs_after(retired: i64) -> Costs {
     relay_session(&setup.client).await;
     let sql = outboxd::sql::Statements::new(s);
     let in_progress = in_progress(&setup.client, &previous).await;
-    let poll_windows = buffers(&setup.client, &sql.poll_windows, &format!("'{previous}'")).await;
+    let poll_windows = buffers(
+        &setup.client,
+        &sql.poll_windows,
+        &format!("'{previous}', ARRAY[0]::int4[], 64, 2048"),
+    )
+    .await;
     let open_window = buffers(&setup.client, &sql.open_window, &format!("0, '{previous}'")).await;
     let (current, min_id): (String, i64) = {
         let r = setup
