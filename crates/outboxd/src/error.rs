@@ -43,6 +43,10 @@ pub enum Error {
         "postgres: the relay_incarnation token could not be read; is the schema migrated (outboxd migrate)?"
     )]
     Incarnation,
+    /// A retirement statement (run for several workers at once, see `pipeline::retire`)
+    /// failed, or the worker that ran it stopped before answering.
+    #[error("retiring published messages failed: {0}")]
+    Retirement(String),
     /// The worker session pool was closed (the relay is shutting down).
     #[error("the relay's session pool is closed")]
     PoolClosed,

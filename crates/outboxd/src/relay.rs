@@ -120,6 +120,8 @@ async fn run_relay(
         health: Arc::clone(&health),
         ownership: Arc::clone(&ownership),
         faults,
+        retirements: crate::pipeline::retire::Retirements::default(),
+        retire_clock: crate::pipeline::retire::RetireClock::default(),
     });
     let starter: Starter = {
         let (ctx, stopping, mailboxes, pulse) = (

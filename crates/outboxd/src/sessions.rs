@@ -29,8 +29,8 @@ pub struct Session {
     pub client: Client,
     /// The batch reads.
     pub read: ReadStatements,
-    /// `Statements::delete_batch`.
-    pub delete_batch: Statement,
+    /// `Statements::retire`.
+    pub retire: Statement,
     /// The database incarnation this connection talks to.
     pub incarnation: Incarnation,
 }
@@ -114,15 +114,15 @@ impl SessionPool {
                 .await
                 .map_err(Error::pg("preparing the late-row read"))?,
         };
-        let delete_batch = client
-            .prepare(&self.sql.delete_batch)
+        let retire = client
+            .prepare(&self.sql.retire)
             .await
-            .map_err(Error::pg("preparing the batch delete"))?;
+            .map_err(Error::pg("preparing the retirement"))?;
         let incarnation = crate::session::incarnation(&client, &self.sql).await?;
         Ok(Session {
             client,
             read,
-            delete_batch,
+            retire,
             incarnation,
         })
     }

@@ -57,8 +57,10 @@ pub struct Statements {
     /// release failed) runs out instead of being kept alive for ever. A held lease that
     /// expired (PostgreSQL was away longer than the TTL) is renewed too while it still
     /// carries the worker's epoch: nobody claimed it meanwhile (a claim changes the owner and
-    /// the epoch, and the row lock orders a claim and a renewal). `$1`: instance id,
-    /// `$2`: TTL in ms, `$3`: host, `$4`: process id, `$5`: held partitions, `$6`: their
+    /// the epoch, and the row lock orders a claim and a renewal). The lease rows are locked
+    /// in partition order first, as `retire` share-locks them, so that a renewal and a
+    /// retirement of several partitions never wait for each other in a cycle (a deadlock
+    /// PostgreSQL would break by failing one of them). `$1`: instance id, `$2`: TTL in ms, `$3`: host, `$4`: process id, `$5`: held partitions, `$6`: their
     /// epochs. Returns the instance's lock key and the renewed partitions and their epochs.
     pub renew_leases: String,
     /// Takes the advisory lock that shows this instance's lease session is alive. `$1`: the
@@ -95,17 +97,20 @@ pub struct Statements {
     /// otherwise scan whole for the id range.) `$1`: partition, `$2`: cursor, `$3`: window snapshot (text), `$4`:
     /// limit, `$5`: previous snapshot (text), `$6`: highest id already published.
     pub read_late: String,
-    /// Retires published messages, only while the worker's lease still carries its epoch
-    /// (fencing): the lease row is share-locked in the same statement, so a takeover either
-    /// committed before (nothing is retired) or waits until the retirement committed. Each id
-    /// is looked up by the full primary key, a plan the planner cannot get wrong. The plain
-    /// form `partition = $1 AND id = ANY ($2)`, prepared while the table looked small, got a
+    /// Retires published messages of one or more partitions, each only while its lease
+    /// still carries its worker's epoch (fencing): the lease rows are share-locked in the
+    /// same statement, in partition order (as the renewal locks them, so the two never wait
+    /// on each other in a cycle), so a takeover either committed before (nothing of that
+    /// partition is retired) or waits until the retirement committed. Each id is looked up
+    /// by the full primary key, a plan the planner cannot get wrong. The plain form
+    /// `partition = $1 AND id = ANY ($2)`, prepared while the table looked small, got a
     /// generic plan that filtered the whole partition, dead rows included: 30 ms per delete
-    /// behind a long transaction. `$1`: partition, `$2`: ids, `$3`: instance id, `$4`:
-    /// epoch. Returns whether the lease was held.
-    pub delete_batch: String,
+    /// behind a long transaction. `$1`: partitions, `$2`: their workers' epochs, `$3`:
+    /// instance id, `$4`: each id's partition, `$5`: the ids. Returns the partitions whose
+    /// lease held (int4[]).
+    pub retire: String,
     /// Moves one message to `dead_letter`, only while the worker's lease holds (fencing, as
-    /// for `delete_batch`). `$1`: partition, `$2`: id, `$3`: policy, `$4`: error, `$5`:
+    /// for `retire`). `$1`: partition, `$2`: id, `$3`: policy, `$4`: error, `$5`:
     /// instance id, `$6`: epoch. Returns whether the lease was held.
     pub dead_letter: String,
     /// Moves one message to `dead_letter` by id alone, for `outboxd skip`. `$1`: id,
@@ -171,7 +176,7 @@ pub struct Statements {
 /// `dead_letter` with `policy` and `error` (SQL expressions), then runs `then` over the CTE
 /// `dead(id, entity_key)` of what was moved.
 /// The CTE `lease`: the partition's lease row, share-locked, when it still carries the
-/// worker's instance and epoch and has not expired (fencing; see `delete_batch`).
+/// worker's instance and epoch and has not expired (fencing; see `retire`).
 fn lease_cte(s: &str, partition: &str, instance: &str, epoch: &str) -> String {
     format!(
         "lease AS (
@@ -284,6 +289,11 @@ impl Statements {
                              now() + $2::int8 * interval '1 millisecond')
                      ON CONFLICT (instance_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
                      RETURNING lock_key
+                 ), locked AS (
+                     SELECT l.partition FROM {s}.partition_lease l
+                      WHERE l.owner = $1::text::uuid AND l.partition = ANY ($5::int4[])
+                      ORDER BY l.partition
+                        FOR NO KEY UPDATE
                  ), renewed AS (
                      UPDATE {s}.partition_lease l
                         SET expires_at = now() + $2::int8 * interval '1 millisecond',
@@ -293,6 +303,7 @@ impl Statements {
                             AS h(partition, epoch, state, message_id, error)
                       WHERE l.owner = $1::text::uuid AND l.partition = h.partition
                         AND l.epoch = h.epoch
+                        AND l.partition IN (SELECT partition FROM locked)
                      RETURNING l.partition, l.epoch
                  )
                  SELECT (SELECT lock_key FROM instance),
@@ -352,17 +363,23 @@ impl Statements {
                   ORDER BY m.id
                   LIMIT $4::int8"
             ),
-            delete_batch: format!(
-                "WITH {lease}, retired AS (
+            retire: format!(
+                "WITH lease AS (
+                     SELECT l.partition FROM {s}.partition_lease l
+                       JOIN unnest($1::int4[], $2::int8[]) AS w(partition, epoch)
+                         ON l.partition = w.partition AND l.epoch = w.epoch
+                      WHERE l.owner = $3::text::uuid AND l.expires_at > now()
+                      ORDER BY l.partition
+                        FOR SHARE OF l
+                 ), retired AS (
                      DELETE FROM {s}.message
                       WHERE ctid = ANY (ARRAY(
                             SELECT (SELECT m.ctid FROM {s}.message m
-                                     WHERE m.partition = $1::int4 AND m.id = d.id)
-                              FROM unnest($2::int8[]) AS d(id)))
-                        AND EXISTS (SELECT 1 FROM lease)
+                                     WHERE m.partition = d.partition AND m.id = d.id)
+                              FROM unnest($4::int4[], $5::int8[]) AS d(partition, id)
+                             WHERE d.partition IN (SELECT partition FROM lease)))
                  )
-                 SELECT EXISTS (SELECT 1 FROM lease)",
-                lease = lease_cte(s, "$1", "$3", "$4")
+                 SELECT ARRAY(SELECT partition FROM lease)"
             ),
             dead_letter: fenced_move(
                 s,
@@ -527,7 +544,7 @@ impl Statements {
             ("open_window", &self.open_window),
             ("read_batch", &self.read_batch),
             ("read_late", &self.read_late),
-            ("delete_batch", &self.delete_batch),
+            ("retire", &self.retire),
             ("dead_letter", &self.dead_letter),
             ("skip_message", &self.skip_message),
             ("park_message", &self.park_message),

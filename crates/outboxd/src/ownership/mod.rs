@@ -24,7 +24,7 @@
 //! paused instance's when they expire.
 //!
 //! **Fencing.** A worker retires rows only in a statement that share-locks its lease row
-//! with its own epoch (`sql::delete_batch`): after a takeover it retires nothing and stops.
+//! with its own epoch (`sql::retire`): after a takeover it retires nothing and stops.
 //! It also stops reading once its lease has not been renewed for the TTL by its own clock,
 //! which runs out before the database lets another instance take it.
 

@@ -27,6 +27,7 @@ use futures_util::FutureExt;
 
 use crate::pipeline::delivery::{Lane, lane};
 use crate::pipeline::reader::OutboxRow;
+use crate::pipeline::retire::RetireClock;
 use crate::publisher::{ProducerHandle, Sent};
 
 /// The acknowledgements of one batch, in row order.
@@ -117,14 +118,20 @@ impl<'a> InFlight<'a> {
         }
     }
 
-    /// When the acknowledged ids held must be retired: once the oldest has waited
-    /// `interval`, or at once when `max` of them are held. `None` when none are held.
-    pub(crate) fn retire_due_at(&self, interval: Duration, max: usize) -> Option<Instant> {
+    /// When the acknowledged ids held must be retired: at the first tick of `clock` after
+    /// the oldest was held (at most `interval` later), or at once when `max` of them are
+    /// held. `None` when none are held.
+    pub(crate) fn retire_due_at(
+        &self,
+        clock: &RetireClock,
+        interval: Duration,
+        max: usize,
+    ) -> Option<Instant> {
         let since = self.acked_since?;
         if self.acked.len() >= max {
             return Some(since);
         }
-        Some(since + interval)
+        Some(clock.next_tick(since, interval))
     }
 
     /// Takes the acknowledged ids held, to retire them.
@@ -368,15 +375,16 @@ mod tests {
     #[test]
     fn acknowledged_ids_are_retired_after_the_interval_or_when_many() {
         let mut q = InFlight::new(4, 1000);
+        let clock = RetireClock::default();
         let interval = Duration::from_millis(100);
-        assert_eq!(q.retire_due_at(interval, 3), None);
+        assert_eq!(q.retire_due_at(&clock, interval, 3), None);
         q.hold_acked([1, 2]);
-        let due = q.retire_due_at(interval, 3).expect("held");
+        let due = q.retire_due_at(&clock, interval, 3).expect("held");
         assert!(due > Instant::now() && due <= Instant::now() + interval);
         q.hold_acked([3]);
-        assert!(q.retire_due_at(interval, 3).expect("held") <= Instant::now());
+        assert!(q.retire_due_at(&clock, interval, 3).expect("held") <= Instant::now());
         assert_eq!(q.take_acked(), vec![1, 2, 3]);
-        assert_eq!(q.retire_due_at(interval, 3), None);
+        assert_eq!(q.retire_due_at(&clock, interval, 3), None);
     }
 
     #[tokio::test]

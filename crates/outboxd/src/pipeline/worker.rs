@@ -21,6 +21,7 @@ use crate::ownership::Ownership;
 use crate::pipeline::delivery::{ACK_WAIT_BEFORE_RETRYING, Outcome, Refusals};
 use crate::pipeline::in_flight::{Flight, InFlight};
 use crate::pipeline::reader::{OutboxRow, PartitionReader};
+use crate::pipeline::retire::{RetireClock, Retirements};
 use crate::pipeline::wakeup::{Mailbox, PollerPulse};
 use crate::publisher::{Publisher, Refusal, Sent};
 use crate::sessions::{Checkout, SessionPool};
@@ -45,6 +46,10 @@ pub struct WorkerContext {
     pub ownership: Arc<Ownership>,
     /// Faults a test asked for (see `faults`); none in production.
     pub faults: Arc<Faults>,
+    /// Retirements of all partitions, run together (see `retire`).
+    pub retirements: Retirements,
+    /// The shared clock of the workers' periodic retirements.
+    pub retire_clock: RetireClock,
 }
 
 /// How often a worker whose instance should own the partition tries to claim it while
@@ -647,7 +652,11 @@ impl Worker<'_> {
     fn retire_due_at(&self, flights: &InFlight<'_>) -> tokio::time::Instant {
         let config = &self.ctx.config;
         flights
-            .retire_due_at(config.retire_interval(), config.batch_size)
+            .retire_due_at(
+                &self.ctx.retire_clock,
+                config.retire_interval(),
+                config.batch_size,
+            )
             .map_or_else(
                 || tokio::time::Instant::now() + Duration::from_secs(3600),
                 tokio::time::Instant::from_std,
@@ -785,32 +794,21 @@ impl Worker<'_> {
         self.metrics.published.increment(rows.len() as u64);
     }
 
-    /// Deletes messages Kafka acknowledged, on a session of the pool, only while this
-    /// worker's lease holds; false when it was fenced (nothing deleted). An error means the
-    /// session failed (it was closed).
+    /// Deletes messages Kafka acknowledged, only while this worker's lease holds, in one
+    /// statement with whatever other partitions retire at the same moment (see `retire`);
+    /// false when it was fenced (nothing deleted). An error means the statement failed.
     async fn retire_ids(&self, ids: &[i64]) -> Result<bool> {
         self.ctx.faults.before_write(self.partition).await;
-        let s = self.ctx.sessions.checkout().await?;
-        let retired = s
-            .client
-            .query_one(
-                &s.delete_batch,
-                &[
-                    &self.partition,
-                    &ids,
-                    &self.ctx.ownership.instance(),
-                    &self.epoch,
-                ],
+        self.ctx
+            .retirements
+            .retire(
+                &self.ctx.sessions,
+                self.ctx.ownership.instance(),
+                self.partition,
+                self.epoch,
+                ids.to_vec(),
             )
             .await
-            .and_then(|row| row.try_get(0));
-        match retired {
-            Ok(held) => Ok(held),
-            Err(e) => {
-                s.discard();
-                Err(Error::pg("retiring a published batch")(e))
-            }
-        }
     }
 
     /// Counts `rows` as published and deletes them at once (see `retire_ids`).

@@ -173,8 +173,12 @@ async fn costs_after(retired: i64) -> Costs {
         .expect("lease");
     let delete_batch = buffers(
         &setup.client,
-        &sql.delete_batch,
-        &format!("0, ARRAY[{ids}]::int8[], '00000000-0000-0000-0000-000000000001', 1"),
+        &sql.retire,
+        &format!(
+            "ARRAY[0]::int4[], ARRAY[1]::int8[], '00000000-0000-0000-0000-000000000001', \
+             array_fill(0, ARRAY[{n}])::int4[], ARRAY[{ids}]::int8[]",
+            n = live.len()
+        ),
     )
     .await;
     let read_batch = buffers(
@@ -211,7 +215,7 @@ async fn read_cost_does_not_grow_with_retired_rows_behind_a_long_transaction() {
     let none = costs_after(0).await;
     let many = costs_after(100_000).await;
     println!(
-        "buffers touched with 0 / 100000 retired rows: poll_windows {} / {}, open_window {} / {}, read_batch {} / {}, delete_batch {} / {}, naive head scan {} / {} ({} transactions in progress)",
+        "buffers touched with 0 / 100000 retired rows: poll_windows {} / {}, open_window {} / {}, read_batch {} / {}, retire {} / {}, naive head scan {} / {} ({} transactions in progress)",
         none.poll_windows,
         many.poll_windows,
         none.open_window,
@@ -238,7 +242,7 @@ async fn read_cost_does_not_grow_with_retired_rows_behind_a_long_transaction() {
     );
     assert!(
         many.delete_batch <= none.delete_batch * 2 + 10,
-        "delete_batch walks dead rows"
+        "retire walks dead rows"
     );
     assert!(
         many.open_window <= none.open_window * 2 + 10 + lookups,

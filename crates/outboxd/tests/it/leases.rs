@@ -163,6 +163,79 @@ async fn a_worker_whose_lease_was_taken_over_retires_nothing() {
     setup.cleanup().await;
 }
 
+/// The workers of an instance retire together, in one statement for several partitions
+/// (see `pipeline::retire`). Fencing holds per partition in it: the ids of a partition
+/// whose lease no longer carries its worker's epoch stay, the others' go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_retirement_for_several_partitions_fences_each_partition() {
+    let setup = Setup::new(3).await;
+    let s = &setup.schema;
+    let me = "00000000-0000-0000-0000-00000000a11e";
+    let ids: Vec<(i32, i64)> = setup
+        .client
+        .query(
+            &format!(
+                "INSERT INTO {s}.message (partition, topic, entity_key, payload)
+                 SELECT p, 't', 'e' || p, '\\x00' FROM generate_series(0, 2) p, generate_series(1, 2)
+                 RETURNING partition, id"
+            ),
+            &[],
+        )
+        .await
+        .expect("messages")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // Partitions 0 and 2 are held with epoch 1; partition 1 was taken over (epoch 2).
+    setup
+        .client
+        .batch_execute(&format!(
+            "INSERT INTO {s}.partition_lease (partition, owner, epoch, expires_at)
+             VALUES (0, '{me}', 1, now() + interval '1 hour'),
+                    (1, '{me}', 2, now() + interval '1 hour'),
+                    (2, '{me}', 1, now() + interval '1 hour')
+             ON CONFLICT (partition) DO UPDATE
+                SET owner = EXCLUDED.owner, epoch = EXCLUDED.epoch, expires_at = EXCLUDED.expires_at"
+        ))
+        .await
+        .expect("leases");
+    let sql = outboxd::sql::Statements::new(s);
+    let (id_partitions, id_values): (Vec<i32>, Vec<i64>) = ids.iter().copied().unzip();
+    let held: Vec<i32> = setup
+        .client
+        .query_one(
+            sql.retire.as_str(),
+            &[
+                &vec![0i32, 1, 2],
+                &vec![1i64, 1, 1],
+                &me,
+                &id_partitions,
+                &id_values,
+            ],
+        )
+        .await
+        .expect("retire")
+        .get(0);
+    assert_eq!(held, vec![0, 2], "partition 1's lease moved on");
+    let left: Vec<i32> = setup
+        .client
+        .query(
+            &format!("SELECT partition FROM {s}.message ORDER BY partition"),
+            &[],
+        )
+        .await
+        .expect("left")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        vec![1, 1],
+        "only the fenced partition's messages stay"
+    );
+    setup.cleanup().await;
+}
+
 /// A graceful exit releases the leases and deregisters the instance, so the other instance
 /// takes its partitions at once. The TTL is ten minutes: waiting for expiry would fail the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,10 +405,14 @@ async fn the_writing_statements_change_nothing_without_the_lease() {
     let stale: i64 = 4;
     let current: i64 = 5;
     let retire = |epoch: i64| async move {
-        c.query_one(&sql.delete_batch, &[&0i32, &vec![a], &owner, &epoch])
-            .await
-            .expect("retire")
-            .get::<_, bool>(0)
+        c.query_one(
+            &sql.retire,
+            &[&vec![0i32], &vec![epoch], &owner, &vec![0i32], &vec![a]],
+        )
+        .await
+        .expect("retire")
+        .get::<_, Vec<i32>>(0)
+            == vec![0]
     };
     let dead_letter = |epoch: i64| async move {
         c.query_one(
