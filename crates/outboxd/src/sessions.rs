@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::{Client, Statement};
 
 use crate::error::{Error, Result};
-use crate::pipeline::reader::ReadStatements;
+use crate::pipeline::store::ReadStatements;
 use crate::session::Incarnation;
 use crate::sql::{SESSION_SETUP, Statements};
 

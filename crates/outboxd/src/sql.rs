@@ -237,8 +237,8 @@ impl Statements {
     /// The statements for `schema`.
     pub fn new(schema: &Schema) -> Self {
         let s = schema.name();
-        // What a batch read returns; `reader::row_to_message` decodes it. The parked epoch
-        // comes last, read in the same statement as the rows (see `reader::fetch`).
+        // What a batch read returns; `store::row_to_message` decodes it. The parked epoch
+        // comes last, read in the same statement as the rows (see `reader::fetched`).
         let columns = format!(
             "m.id, m.topic, m.entity_key, m.kafka_key, m.kafka_partition, \
              m.payload, m.header_names, m.header_values, m.event_type, \

@@ -26,15 +26,17 @@
 //! partition with one query per tick (see `wakeup`); windows that pile up while a batch is
 //! in flight merge into one. After a (re)start the first window is the whole partition, and
 //! should the poller stall the reader opens its own window from its last snapshot.
+//!
+//! The reader holds no connection and runs no SQL itself: it decides which read comes next
+//! and what its answer means, and asks a [`ReadStore`] (`store.rs`: the statements on a
+//! worker's session) for it. Its tests run against an in-memory store.
 
 use std::collections::HashSet;
 use std::time::Instant;
 
-use tokio_postgres::{Client, Statement};
-
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::pipeline::store::{ReadRows, ReadStore, WindowStart};
 use crate::session::Incarnation;
-use crate::sql::Statements;
 
 /// One message row as read from the outbox table.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,7 +114,7 @@ impl Window {
 }
 
 /// The rows of a window, read by the wake-up poller for the partition's worker (see
-/// `Statements::read_fresh`): those committed in the window's snapshot and not in
+/// `Statements::poll_windows`): those committed in the window's snapshot and not in
 /// `previous`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FreshRows {
@@ -167,9 +169,6 @@ pub struct PartitionReader {
     fresh_not_before: Option<Instant>,
 }
 
-/// The column of a batch read that carries `settings.parked_epoch` (after the row columns).
-pub(crate) const PARKED_EPOCH_COLUMN: usize = 10;
-
 /// Below this many ids between a window's start and the high-water mark, the window is
 /// walked in id order (at most this many index entries, dead or alive); above it, its late
 /// rows are looked up through the `(xid)` index first.
@@ -191,15 +190,6 @@ struct Fetched {
 struct LateRows {
     previous: String,
     until: i64,
-}
-
-/// The prepared statements a reader uses, prepared on the worker's connection.
-#[derive(Debug, Clone)]
-pub struct ReadStatements {
-    /// `Statements::read_batch`.
-    pub batch: Statement,
-    /// `Statements::read_late`.
-    pub late: Statement,
 }
 
 impl PartitionReader {
@@ -364,15 +354,10 @@ impl PartitionReader {
     }
 
     /// The next batch in order, or an empty vector when there is nothing to read until the
-    /// poller hands over a window. `statements` are prepared on `client`. The rows of earlier
-    /// batches are skipped until they are settled (see [`PartitionReader::settle`]), so the
-    /// next batch can be read while the previous ones are on their way to Kafka.
-    pub async fn next_batch(
-        &mut self,
-        client: &Client,
-        sql: &Statements,
-        statements: &ReadStatements,
-    ) -> Result<Vec<OutboxRow>> {
+    /// poller hands over a window, read through `store`. The rows of earlier batches are
+    /// skipped until they are settled (see [`PartitionReader::settle`]), so the next batch
+    /// can be read while the previous ones are on their way to Kafka.
+    pub async fn next_batch(&mut self, store: &impl ReadStore) -> Result<Vec<OutboxRow>> {
         loop {
             if self.window.is_none()
                 && let Some((window, fresh)) = self.fresh.take()
@@ -385,13 +370,13 @@ impl PartitionReader {
             }
             let window = match self.window.take() {
                 Some(w) => w,
-                None => match self.start_window(client, sql).await? {
+                None => match self.start_window(store).await? {
                     Some(w) => w,
                     None => return Ok(Vec::new()),
                 },
             };
             if let Some(late) = self.late.clone() {
-                let Some(batch) = self.read_late(client, statements, &window, &late).await? else {
+                let Some(batch) = self.read_late(store, &window, &late).await? else {
                     continue; // an entity was unparked: reread from the start
                 };
                 if !batch.is_empty() {
@@ -399,16 +384,15 @@ impl PartitionReader {
                 }
                 continue;
             }
-            let (partition, limit) = (self.partition, self.batch_size);
-            let Some(batch) = self
-                .fetch(
-                    client,
-                    &statements.batch,
-                    &[&partition, &window.cursor, &window.snapshot, &limit],
-                    "reading a batch",
+            let read = store
+                .read_batch(
+                    self.partition,
+                    window.cursor,
+                    &window.snapshot,
+                    self.batch_size,
                 )
-                .await?
-            else {
+                .await?;
+            let Some(batch) = self.fetched(read) else {
                 continue; // an entity was unparked: reread from the start
             };
             match batch.last_read {
@@ -434,28 +418,21 @@ impl PartitionReader {
     /// late transactions, so batching through many of them would cost more than the walk.
     async fn read_late(
         &mut self,
-        client: &Client,
-        statements: &ReadStatements,
+        store: &impl ReadStore,
         window: &Window,
         late: &LateRows,
     ) -> Result<Option<Vec<OutboxRow>>> {
-        let (partition, limit) = (self.partition, self.batch_size);
-        let Some(batch) = self
-            .fetch(
-                client,
-                &statements.late,
-                &[
-                    &partition,
-                    &window.cursor,
-                    &window.snapshot,
-                    &limit,
-                    &late.previous,
-                    &late.until,
-                ],
-                "reading late rows",
+        let read = store
+            .read_late(
+                self.partition,
+                window.cursor,
+                &window.snapshot,
+                self.batch_size,
+                &late.previous,
+                late.until,
             )
-            .await?
-        else {
+            .await?;
+        let Some(batch) = self.fetched(read) else {
             return Ok(None);
         };
         self.late = None;
@@ -471,71 +448,51 @@ impl PartitionReader {
         Ok(Some(batch.rows))
     }
 
-    /// Runs one batch read and raises the high-water mark to its last id. `None` when the
-    /// parked epoch changed since this reader last started from the partition's start (an
-    /// entity was unparked): the batch is dropped and the reader reset, because the rows the
-    /// parked entity left behind below the cursor must go out before its rows in this batch.
-    /// The epoch comes with the rows, in the same statement: an unpark deletes the parked row
-    /// and bumps the epoch in one transaction, so a batch that holds rows of an entity no
-    /// longer parked always shows the new epoch. (The poller also resets every worker when the
-    /// epoch changes, but it can be behind, or down.)
-    async fn fetch(
-        &mut self,
-        client: &Client,
-        statement: &Statement,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-        what: &'static str,
-    ) -> Result<Option<Fetched>> {
-        let rows = client
-            .query(statement, params)
-            .await
-            .map_err(Error::pg(what))?;
-        if let Some(first) = rows.first() {
-            let epoch: Option<i64> = first
-                .try_get(PARKED_EPOCH_COLUMN)
-                .map_err(Error::pg(what))?;
-            match (self.parked_epoch, epoch) {
+    /// Takes one batch read's answer and raises the high-water mark to its last id. `None`
+    /// when the parked epoch changed since this reader last started from the partition's
+    /// start (an entity was unparked): the batch is dropped and the reader reset, because the
+    /// rows the parked entity left behind below the cursor must go out before its rows in
+    /// this batch. The epoch comes with the rows, in the same statement: an unpark deletes
+    /// the parked row and bumps the epoch in one transaction, so a batch that holds rows of
+    /// an entity no longer parked always shows the new epoch. (The poller also resets every
+    /// worker when the epoch changes, but it can be behind, or down.)
+    fn fetched(&mut self, read: ReadRows) -> Option<Fetched> {
+        if !read.rows.is_empty() {
+            match (self.parked_epoch, read.parked_epoch) {
                 (Some(seen), Some(now)) if seen != now => {
                     self.reread();
-                    return Ok(None);
+                    return None;
                 }
                 (None, now) => self.parked_epoch = now,
                 _ => {}
             }
         }
-        let batch: Vec<OutboxRow> = rows
-            .iter()
-            .map(row_to_message)
-            .collect::<std::result::Result<_, _>>()
-            .map_err(Error::pg(what))?;
-        let read = batch.len();
-        let last_read = batch.last().map(|r| r.id);
+        let count = read.rows.len();
+        let last_read = read.rows.last().map(|r| r.id);
         if let Some(last) = last_read {
             self.high_water = Some(self.high_water.map_or(last, |h| h.max(last)));
         }
-        let rows: Vec<OutboxRow> = batch
+        let rows: Vec<OutboxRow> = read
+            .rows
             .into_iter()
             .filter(|r| self.unsettled.insert(r.id))
             .collect();
-        Ok(Some(Fetched {
+        Some(Fetched {
             rows,
-            read,
+            read: count,
             last_read,
-        }))
+        })
     }
 
     /// The next window to read: the whole partition after a (re)start, else a window handed
     /// over by the poller, else (when asked to) one opened from the previous snapshot.
-    async fn start_window(&mut self, client: &Client, sql: &Statements) -> Result<Option<Window>> {
+    async fn start_window(&mut self, store: &impl ReadStore) -> Result<Option<Window>> {
         if let Some(prev) = self.previous.clone() {
             let window = match self.pending.take() {
                 Some(w) => Some(w),
                 None if std::mem::take(&mut self.open_own) => {
-                    let row = client
-                        .query_one(&sql.open_window, &[&self.partition, &prev])
-                        .await
-                        .map_err(Error::pg("opening a read window"))?;
-                    self.window_from(row.get(0), row.get(1))
+                    let start = store.open_window(self.partition, &prev).await?;
+                    self.window_from(start)
                 }
                 None => None,
             };
@@ -553,14 +510,11 @@ impl PartitionReader {
         }
         // First window: everything committed now. Windows the poller handed over meanwhile
         // are older or overlap; they stay pending and read nothing twice (rows are deleted).
-        let row = client
-            .query_one(&sql.open_first_window, &[&self.partition])
-            .await
-            .map_err(Error::pg("opening the first read window"))?;
-        Ok(self.window_from(row.get(0), row.get(1)))
+        let start = store.open_first_window(self.partition).await?;
+        Ok(self.window_from(start))
     }
 
-    fn window_from(&mut self, snapshot: String, min_id: Option<i64>) -> Option<Window> {
+    fn window_from(&mut self, WindowStart { snapshot, min_id }: WindowStart) -> Option<Window> {
         match min_id {
             Some(min_id) => Some(Window {
                 snapshot,
@@ -571,52 +525,6 @@ impl PartitionReader {
                 self.previous = Some(snapshot);
                 None
             }
-        }
-    }
-}
-
-/// Decodes one row. The id, topic and entity key are NOT NULL columns of plain types: a
-/// failure there means the table is not what the relay expects, an error for the caller. Any
-/// other column that cannot be decoded marks the row as undecodable (see
-/// [`OutboxRow::undecodable`]) instead of failing the batch or panicking.
-pub(crate) fn row_to_message(
-    row: &tokio_postgres::Row,
-) -> std::result::Result<OutboxRow, tokio_postgres::Error> {
-    let mut problems: Vec<String> = Vec::new();
-    let kafka_key = lenient(row, 3, "kafka_key", &mut problems).flatten();
-    let kafka_partition = lenient(row, 4, "kafka_partition", &mut problems).flatten();
-    let payload = lenient(row, 5, "payload", &mut problems).flatten();
-    let header_names = lenient(row, 6, "header_names", &mut problems).unwrap_or_default();
-    let header_values = lenient(row, 7, "header_values", &mut problems).unwrap_or_default();
-    let event_type = lenient(row, 8, "event_type", &mut problems).flatten();
-    let created_at_epoch = lenient(row, 9, "created_at", &mut problems).unwrap_or_default();
-    Ok(OutboxRow {
-        id: row.try_get(0)?,
-        topic: row.try_get(1)?,
-        entity_key: row.try_get(2)?,
-        kafka_key,
-        kafka_partition,
-        payload,
-        header_names,
-        header_values,
-        event_type,
-        created_at_epoch,
-        undecodable: (!problems.is_empty()).then(|| problems.join("; ")),
-    })
-}
-
-/// Column `index` of `row`, or `None` with the problem noted.
-fn lenient<'r, T: tokio_postgres::types::FromSql<'r>>(
-    row: &'r tokio_postgres::Row,
-    index: usize,
-    name: &str,
-    problems: &mut Vec<String>,
-) -> Option<T> {
-    match row.try_get(index) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            problems.push(format!("column {name}: {e}"));
-            None
         }
     }
 }
@@ -729,5 +637,209 @@ mod tests {
         r.refuse_fresh_read_before(Instant::now());
         assert!(r.offer_fresh(window("s2", 9), Some(fresh("s1", &[10], 1))));
         assert!(r.fresh.is_some());
+    }
+}
+
+/// The reader against an in-memory partition (`store::memory`): no database, no client, and
+/// no clock either (the tests run under paused time: nothing in the reader sleeps or times
+/// out).
+#[cfg(test)]
+mod model_tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::pipeline::store::memory::MemoryStore;
+
+    /// A small deterministic generator (no dependency): the same run every time.
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn window(store: &MemoryStore, previous: &str) -> Option<Window> {
+        let (snapshot, min) = store.poll(previous);
+        min.map(|min| Window {
+            snapshot,
+            cursor: min - 1,
+            incarnation: Incarnation::new("db"),
+        })
+    }
+
+    /// Writers take ids in order and commit in any order across entities (an entity's
+    /// messages commit in id order: the writers' entity lock), some far behind the head; the
+    /// poller hands windows over now and then; batches stay in flight (unsettled) for a
+    /// while before they are retired. Every committed message is returned exactly once, and
+    /// each entity's in id order, late commits included.
+    #[tokio::test(start_paused = true)]
+    async fn every_commit_is_read_once_and_each_entity_in_order() {
+        let store = MemoryStore::default();
+        let mut reader = PartitionReader::new(0, 50);
+        reader.reset(Incarnation::new("db"));
+        let mut rng = Lcg(7);
+        let entities = ["a", "b", "c", "d", "e", "f"];
+        let mut open: HashMap<&str, Vec<i64>> = HashMap::new();
+        let mut returned: Vec<OutboxRow> = Vec::new();
+        let mut in_flight: Vec<Vec<i64>> = Vec::new();
+        let mut polled = store.snapshot();
+        let mut next_id = 1;
+        // One writer of entity "late" takes an id first and commits after more than
+        // `LATE_READ_MIN_GAP` others were published: the late-row read finds it.
+        store.write(next_id, "late");
+        let late_id = next_id;
+        next_id += 1;
+        let mut late_committed = false;
+        for _ in 0..8000 {
+            match rng.below(12) {
+                0..=3 => {
+                    let e = entities[rng.below(entities.len() as u64) as usize];
+                    store.write(next_id, e);
+                    open.entry(e).or_default().push(next_id);
+                    next_id += 1;
+                }
+                4..=7 => {
+                    // Commit an entity's oldest open message (entity order = id order).
+                    let e = entities[rng.below(entities.len() as u64) as usize];
+                    if let Some(ids) = open.get_mut(e)
+                        && !ids.is_empty()
+                    {
+                        store.commit(ids.remove(0));
+                    }
+                }
+                8..=9 => {
+                    if let Some(w) = window(&store, &polled) {
+                        polled = w.snapshot.clone();
+                        assert!(reader.offer(w));
+                    }
+                }
+                10 => {
+                    let batch = reader.next_batch(&store).await.expect("read");
+                    if !batch.is_empty() {
+                        in_flight.push(batch.iter().map(|r| r.id).collect());
+                        returned.extend(batch);
+                    }
+                }
+                _ => {
+                    // The oldest batch in flight is acknowledged and retired.
+                    if !in_flight.is_empty() {
+                        let ids = in_flight.remove(0);
+                        store.delete(&ids);
+                        reader.settle(ids);
+                    }
+                }
+            }
+            if !late_committed && returned.len() > 1200 {
+                store.commit(late_id);
+                late_committed = true;
+            }
+        }
+        assert!(
+            late_committed,
+            "the scenario published enough before the late commit"
+        );
+        // Everything commits; the poller and the reader catch up.
+        for (_, ids) in open.drain() {
+            for id in ids {
+                store.commit(id);
+            }
+        }
+        loop {
+            if let Some(w) = window(&store, &polled) {
+                polled = w.snapshot.clone();
+                reader.offer(w);
+            }
+            let batch = reader.next_batch(&store).await.expect("read");
+            for ids in in_flight.drain(..) {
+                store.delete(&ids);
+                reader.settle(ids);
+            }
+            if batch.is_empty() && !reader.has_work() {
+                break;
+            }
+            let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
+            returned.extend(batch);
+            store.delete(&ids);
+            reader.settle(ids);
+        }
+        let ids: Vec<i64> = returned.iter().map(|r| r.id).collect();
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ids.len(), "no message returned twice");
+        assert_eq!(
+            unique,
+            (1..next_id).collect::<Vec<_>>(),
+            "every commit read"
+        );
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        for r in &returned {
+            let previous = last.insert(r.entity_key.as_str(), r.id);
+            assert!(
+                previous.is_none_or(|p| p < r.id),
+                "entity {} out of order at {}",
+                r.entity_key,
+                r.id
+            );
+        }
+        assert!(
+            store.take_calls().contains(&"read_late"),
+            "the late commit was found through the late-row read"
+        );
+    }
+
+    /// A batch that shows a new parked epoch (an entity was unparked) is dropped and the
+    /// partition read again from its start: the rows the entity left behind go out first.
+    #[tokio::test(start_paused = true)]
+    async fn an_unpark_seen_in_a_batch_rereads_from_the_start() {
+        let store = MemoryStore::default();
+        let mut reader = PartitionReader::new(0, 10);
+        reader.reset(Incarnation::new("db"));
+        for id in 1..=3 {
+            store.write(id, "a");
+            store.commit(id);
+        }
+        let first = reader.next_batch(&store).await.expect("read");
+        assert_eq!(
+            first.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        reader.settle([1, 2, 3]);
+        store.delete(&[1, 2, 3]);
+        let previous = store.snapshot();
+        store.write(4, "a");
+        store.commit(4);
+        store.bump_parked_epoch();
+        reader.offer(window(&store, &previous).expect("window"));
+        store.take_calls();
+        let batch = reader.next_batch(&store).await.expect("read");
+        assert_eq!(batch.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(
+            store.take_calls(),
+            vec!["read_batch", "open_first_window", "read_batch"],
+            "the window's batch showed the new epoch: dropped, and the partition read from its start"
+        );
+    }
+
+    /// When the poller stalls, the worker asks its reader to open a window itself, from the
+    /// snapshot its last window ended at.
+    #[tokio::test(start_paused = true)]
+    async fn without_the_poller_the_reader_opens_its_own_window() {
+        let store = MemoryStore::default();
+        let mut reader = PartitionReader::new(0, 10);
+        reader.reset(Incarnation::new("db"));
+        assert!(reader.next_batch(&store).await.expect("read").is_empty());
+        assert!(!reader.has_work(), "caught up: waits for the poller");
+        store.write(1, "a");
+        store.commit(1);
+        assert!(reader.next_batch(&store).await.expect("read").is_empty());
+        reader.open_own_window();
+        let batch = reader.next_batch(&store).await.expect("read");
+        assert_eq!(batch.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1]);
+        assert!(store.take_calls().contains(&"open_window"));
     }
 }

@@ -22,6 +22,7 @@ use crate::pipeline::delivery::{ACK_WAIT_BEFORE_RETRYING, Outcome, Refusals};
 use crate::pipeline::in_flight::{Flight, InFlight};
 use crate::pipeline::reader::{OutboxRow, PartitionReader};
 use crate::pipeline::retire::{RetireClock, Retirements};
+use crate::pipeline::store::PgReadStore;
 use crate::pipeline::wakeup::{Mailbox, PollerPulse};
 use crate::publisher::{Publisher, Refusal, Sent};
 use crate::sessions::{Checkout, SessionPool};
@@ -485,7 +486,10 @@ impl Worker<'_> {
                 drop(s);
                 continue;
             }
-            let batch = match reader.next_batch(&s.client, &self.ctx.sql, &s.read).await {
+            let batch = match reader
+                .next_batch(&PgReadStore::new(&s.client, &self.ctx.sql, &s.read))
+                .await
+            {
                 Ok(b) => b,
                 Err(e) => {
                     // The session's state is unknown: close it, claim again and reread.
