@@ -252,6 +252,10 @@ struct Outcome {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// p99 of the messages committed in each second of the measured interval, in order
+    /// (how latency settles after a relay's start: `--warmup 0`).
+    #[serde(default)]
+    p99_by_second_ms: Vec<f64>,
     // --- drains
     count: u64,
     /// Relay launch to the last message's append.
@@ -389,16 +393,29 @@ struct Seen {
     unparsed: u64,
 }
 
-/// Consumes every partition of `topic` from its beginning until `want` (set later, once
-/// known) distinct messages were seen, or `give_up` is set and nothing more arrives.
+/// Where the probe starts reading.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum From {
+    /// The topic's beginning (a drain: the relay may append before the probe starts).
+    Beginning,
+    /// The topic's end when the probe starts (a point: its messages are written after
+    /// `probe` returns, and a topic reused by `--restart` holds earlier points' records).
+    End,
+}
+
+/// Consumes every partition of `topic` from `from` until `want` (set later, once known)
+/// distinct messages were seen, or `give_up` is set and nothing more arrives. Returns once
+/// the probe knows its starting offsets.
 fn probe(
     brokers: String,
     topic: String,
     partitions: i32,
     want: Arc<AtomicU64>,
     give_up: Arc<AtomicBool>,
+    from: From,
 ) -> std::thread::JoinHandle<Res<Seen>> {
-    std::thread::spawn(move || {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let handle = std::thread::spawn(move || {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
             .set("group.id", "peers-probe")
@@ -407,9 +424,18 @@ fn probe(
             .create()?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+            let offset = match from {
+                From::Beginning => Offset::Beginning,
+                From::End => {
+                    let (_, high) =
+                        consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+                    Offset::Offset(high)
+                }
+            };
+            tpl.add_partition_offset(&topic, p, offset)?;
         }
         consumer.assign(&tpl)?;
+        let _ = ready_tx.send(());
         let mut seen = Seen {
             appended: HashMap::new(),
             duplicates: 0,
@@ -441,7 +467,10 @@ fn probe(
                 return Ok(seen);
             }
         }
-    })
+    });
+    // The starting offsets are known (or the probe failed) before anything is written.
+    let _ = ready_rx.recv_timeout(Duration::from_secs(30));
+    handle
 }
 
 /// CPU ticks (utime + stime) of a process, from /proc/PID/stat.
@@ -672,6 +701,7 @@ async fn point(a: PointArgs) -> Res<()> {
         c.partitions,
         want.clone(),
         give_up.clone(),
+        From::End,
     );
 
     // Each writer runs rate / per_tx / writers transactions per second, the writers
@@ -720,6 +750,7 @@ async fn point(a: PointArgs) -> Res<()> {
     let seen = probe.join().map_err(|_| "probe panicked")??;
 
     let mut lat = Vec::new();
+    let mut by_commit = Vec::new();
     let mut measured = 0u64;
     for log in &logs {
         for &(seq, commit_ms, m) in &log.commits {
@@ -729,9 +760,11 @@ async fn point(a: PointArgs) -> Res<()> {
             measured += 1;
             if let Some(&appended) = seen.appended.get(&seq) {
                 lat.push(appended as f64 - commit_ms);
+                by_commit.push((commit_ms, appended as f64 - commit_ms));
             }
         }
     }
+    let p99_by_second_ms = p99_by_second(&by_commit);
     lat.sort_by(|x, y| x.total_cmp(y));
     let mut o = Outcome {
         system: c.system.name().into(),
@@ -760,6 +793,7 @@ async fn point(a: PointArgs) -> Res<()> {
         p50_ms: percentile(&lat, 0.50),
         p99_ms: percentile(&lat, 0.99),
         max_ms: percentile(&lat, 1.0),
+        p99_by_second_ms,
         ..Outcome::default()
     };
     sampler.fill(&mut o);
@@ -789,7 +823,38 @@ async fn point(a: PointArgs) -> Res<()> {
         o.pct(o.db_cpu_ms),
         o.db_sessions_max,
     );
+    println!(
+        "  p99 by second of commit (ms): {}",
+        o.p99_by_second_ms
+            .iter()
+            .map(|v| format!("{v:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     Ok(())
+}
+
+/// The p99 latency of the messages committed in each second after the first commit, from
+/// (commit time in ms, latency in ms) pairs.
+fn p99_by_second(by_commit: &[(f64, f64)]) -> Vec<f64> {
+    let Some(start) = by_commit.iter().map(|&(c, _)| c).reduce(f64::min) else {
+        return Vec::new();
+    };
+    let mut seconds: Vec<Vec<f64>> = Vec::new();
+    for &(commit, latency) in by_commit {
+        let s = ((commit - start) / 1000.0) as usize;
+        if seconds.len() <= s {
+            seconds.resize_with(s + 1, Vec::new);
+        }
+        seconds[s].push(latency);
+    }
+    seconds
+        .into_iter()
+        .map(|mut l| {
+            l.sort_by(|x, y| x.total_cmp(y));
+            percentile(&l, 0.99)
+        })
+        .collect()
 }
 
 async fn fill(a: FillArgs) -> Res<()> {
@@ -846,6 +911,7 @@ async fn drain(a: DrainArgs) -> Res<()> {
         c.partitions,
         want,
         give_up.clone(),
+        From::Beginning,
     );
     let deadline = Instant::now() + Duration::from_secs_f64(a.timeout);
     while !probe.is_finished() && Instant::now() < deadline {
