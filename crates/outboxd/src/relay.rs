@@ -116,6 +116,7 @@ async fn run_relay(
         sessions,
         sql: sql.clone(),
         publisher: Arc::new(publisher),
+        row_budget: crate::pipeline::worker::row_budget(config.batch_size),
         config,
         health: Arc::clone(&health),
         ownership: Arc::clone(&ownership),

@@ -42,6 +42,9 @@ pub(crate) struct Flight<'a> {
     acks: Acks<'a>,
     /// The acknowledgements, once they all came back.
     result: Option<Vec<Sent>>,
+    /// The batch's share of the instance's budget of rows in flight (see
+    /// `WorkerContext::row_budget`), given back when the batch is dropped.
+    budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A lane as the in-flight queue keeps it (the rows it was taken from may be gone).
@@ -224,7 +227,16 @@ impl<'a> InFlight<'a> {
             read_at,
             acks,
             result: None,
+            budget: None,
         });
+    }
+
+    /// Makes the batch pushed last hold `permit` (its rows' share of the instance's budget)
+    /// until it is dropped.
+    pub(crate) fn attach_budget(&mut self, permit: tokio::sync::OwnedSemaphorePermit) {
+        if let Some(last) = self.flights.back_mut() {
+            last.budget = Some(permit);
+        }
     }
 
     /// Waits for the oldest batch's acknowledgements and takes it out. Cancel-safe: the
