@@ -107,7 +107,8 @@ pub struct Statements {
     /// generic plan that filtered the whole partition, dead rows included: 30 ms per delete
     /// behind a long transaction. `$1`: partitions, `$2`: their workers' epochs, `$3`:
     /// instance id, `$4`: each id's partition, `$5`: the ids. Returns the partitions whose
-    /// lease held (int4[]).
+    /// lease held (int4[]) and how many messages were deleted (the count also puts the
+    /// delete inside the statement's plan, where `EXPLAIN` counts its buffers).
     pub retire: String,
     /// Moves one message to `dead_letter`, only while the worker's lease holds (fencing, as
     /// for `retire`). `$1`: partition, `$2`: id, `$3`: policy, `$4`: error, `$5`:
@@ -378,8 +379,9 @@ impl Statements {
                                      WHERE m.partition = d.partition AND m.id = d.id)
                               FROM unnest($4::int4[], $5::int8[]) AS d(partition, id)
                              WHERE d.partition IN (SELECT partition FROM lease)))
+                        RETURNING 1
                  )
-                 SELECT ARRAY(SELECT partition FROM lease)"
+                 SELECT ARRAY(SELECT partition FROM lease), (SELECT count(*) FROM retired)"
             ),
             dead_letter: fenced_move(
                 s,
