@@ -10,7 +10,9 @@
 //! There is no task to supervise: the leader is a worker that waits for its own answer
 //! anyway. Should a leader's future be dropped mid-statement (its worker stopped), the
 //! others' answers are dropped with it and they see an error, as for a failed session: they
-//! reread and publish again (duplicates, never a loss).
+//! reread and publish again (duplicates, never a loss). A request whose worker stopped
+//! waiting before its statement ran is dropped, so a partition's ids only ever go with the
+//! epoch of a worker that still waits for them.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -41,6 +43,16 @@ impl Retirements {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// Takes everything queued that a worker still waits for. A request nobody waits for
+    /// any more (its worker stopped) is left out: its ids are retired by the partition's
+    /// next owner, under its own epoch, or published again; never retired under an epoch
+    /// that may have moved on.
+    fn take_batch(&self) -> Vec<Request> {
+        let mut batch = std::mem::take(&mut *self.queued());
+        batch.retain(|r| !r.answer.is_closed());
+        batch
     }
 
     /// Deletes `ids` of `partition`, only while this instance's lease of it carries
@@ -77,7 +89,7 @@ impl Retirements {
                     // Workers woken by the same tick of the retire clock queue their ids
                     // in the next moments: let them, so one statement takes them all.
                     tokio::task::yield_now().await;
-                    let batch = std::mem::take(&mut *self.queued());
+                    let batch = self.take_batch();
                     if !batch.is_empty() {
                         run(sessions, instance, batch).await;
                     }
@@ -162,6 +174,28 @@ impl RetireClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_nobody_waits_for_is_not_retired() {
+        let r = Retirements::default();
+        let (gone, dropped) = oneshot::channel();
+        drop(dropped);
+        let (waiting, _kept) = oneshot::channel();
+        for (partition, answer) in [(1, gone), (2, waiting)] {
+            r.queued().push(Request {
+                partition,
+                epoch: 1,
+                ids: vec![10],
+                answer,
+            });
+        }
+        let batch = r.take_batch();
+        assert_eq!(
+            batch.iter().map(|q| q.partition).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert!(r.take_batch().is_empty(), "taken once");
+    }
 
     #[test]
     fn ticks_are_shared_and_never_further_than_an_interval() {
