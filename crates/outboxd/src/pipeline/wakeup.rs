@@ -460,9 +460,14 @@ impl Polled {
                 .try_get::<_, Option<i64>>(0)
                 .map_err(&unusable)?
                 .is_some()
-                && let Some((_, _, Some(fresh))) = polled.windows.last_mut()
+                && let Some((_, _, rows @ Some(_))) = polled.windows.last_mut()
             {
-                fresh.rows.push(row_to_message(row).map_err(&unusable)?);
+                // A row that cannot be decoded: the worker reads this window itself (its
+                // read reports the problem where the partition's policies apply).
+                match (row_to_message(row), rows.as_mut()) {
+                    (Ok(message), Some(fresh)) => fresh.rows.push(message),
+                    _ => *rows = None,
+                }
             }
         }
         Ok(polled)
